@@ -1,0 +1,1 @@
+"""re2tal.bench"""

@@ -1,0 +1,148 @@
+"""The `re2tal` command.
+
+A small, fixed CLI: everything else is a config key (`--set section.key=value`). Handlers are
+imported only when their subcommand runs, so `re2tal --help` stays fast. Exit codes: 0 ok,
+2 bad input (one line naming what is wrong), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from re2tal.config import load_config
+from re2tal.errors import BadInput
+
+# subcommand -> "module:function" taking the parsed args and returning an exit code,
+# or None while the capability is not built yet.
+HANDLERS: dict[str, str | None] = {
+    "train": None,
+    "tune": None,
+    "eval": None,
+    "predict": None,
+    "map": None,
+    "data synth": None,
+    "data inspect": None,
+    "bench memory": None,
+    "bench speed": None,
+    "bench loader": None,
+    "bench map": None,
+    "bench all": None,
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="YAML", help="config file (see configs/ and the README's config reference)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 --set backbone.reversible=false (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="re2tal",
+        description="End-to-end temporal action localization on long videos with reversible backbones (Re²TAL).",
+        epilog="Exit codes: 0 ok, 2 bad input (config, file, URL), 1 other failure.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (Ray Train + DeepSpeed; local Ray if no cluster)",
+                       description="Train end to end from raw frames. Re-running with the same train.name resumes from its last checkpoint.")
+    _config_args(p)
+    p.add_argument("--local", action="store_true", help="run in-process (Ray Train local mode, num_workers=0) so a debugger works")
+
+    p = sub.add_parser("tune", help="sweep config keys with Ray Tune (tune.space in the config)",
+                       description="Run a Ray Tune sweep of training runs over the search space in the config's tune section.")
+    _config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation subset (mAP)",
+                       description="Predict on the validation subset with a checkpoint and compute mAP at the configured tIoU thresholds.")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    p.add_argument("--json", metavar="OUT", help="also write the metrics as JSON to OUT")
+    p.add_argument("--predictions", metavar="OUT", help="write the ActivityNet-format predictions to OUT")
+
+    p = sub.add_parser("predict", help="detect action segments in one video",
+                       description="Run a checkpoint on one video (any fsspec URL) and print its segments as ActivityNet-format JSON.")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
+    p.add_argument("--json", metavar="OUT", help="write the segments to OUT instead of stdout")
+
+    p = sub.add_parser("map", help="mAP of predictions against ground truth (ActivityNet protocol)",
+                       description="Mean average precision at tIoU thresholds, following the ActivityNet detection protocol.")
+    p.add_argument("--ground-truth", required=True, metavar="GT", help="ActivityNet-format annotations JSON")
+    p.add_argument("--predictions", required=True, metavar="PRED", help="ActivityNet submission-format predictions JSON")
+    p.add_argument("--subset", default="validation", help="ground-truth subset to evaluate (default: validation)")
+    p.add_argument("--tiou", default="0.5:0.95:0.05", help="thresholds as start:stop:step or a comma list (default: 0.5:0.95:0.05; THUMOS: 0.3:0.7:0.1)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    data = sub.add_parser("data", help="datasets: generate the synthetic set, inspect videos").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("synth", help="write a synthetic TAL dataset (real mp4 files + annotations)",
+                        description="Write synthetic long videos whose actions are visible motion patterns, with ActivityNet-format annotations, to any fsspec URL.")
+    p.add_argument("--out", required=True, metavar="URL", help="destination folder (local dir or s3://bucket/prefix)")
+    p.add_argument("--videos", type=int, default=48, help="number of videos (default 48)")
+    p.add_argument("--val-videos", type=int, default=12, help="of which in the validation subset (default 12)")
+    p.add_argument("--classes", type=int, default=4, help="number of action classes (default 4)")
+    p.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds per video (default 60)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate (default 10)")
+    p.add_argument("--size", type=int, default=64, help="frame height and width (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p = data.add_parser("inspect", help="frames, fps, duration and size of a video",
+                        description="Open a video through fsspec + decord and print its frames, fps, duration, height and width.")
+    p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
+        p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
+                             description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
+        p.add_argument("--backbone", metavar="NAME", help="a backbone (e.g. swin_t, pst_t) instead of a synthetic stage")
+        p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
+        p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
+        p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")
+        p.add_argument("--size", type=int, default=112, metavar="S", help="input height and width (default 112)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--modes", default="standard,checkpoint,reversible", help="comma list of modes to run")
+        p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("loader", help="frames/s from local files vs S3 (moto), cold and warm cache",
+                         description="Loader throughput for a sampling config from local files and from an S3 endpoint (moto server on loopback), with cold and warm cache, and bytes fetched per epoch.")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
+                         description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("all", help="run every benchmark into a folder")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    return parser
+
+
+def _handler(key: str) -> Callable[[argparse.Namespace], int] | None:
+    target = HANDLERS[key]
+    if target is None:
+        return None
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = " ".join(k for k in (args.command, getattr(args, "data_command", None), getattr(args, "bench_command", None)) if k)
+    try:
+        if hasattr(args, "config"):  # validate before anything starts
+            args.cfg = load_config(args.config, args.overrides)
+        handler = _handler(key)
+        if handler is None:
+            print(f"re2tal {key}: not built yet", file=sys.stderr)
+            return 2
+        return int(handler(args) or 0)
+    except BadInput as err:
+        print(f"re2tal {key}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"re2tal {key}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

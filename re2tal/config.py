@@ -1,0 +1,690 @@
+"""The typed config tree.
+
+One pydantic model per section; YAML is only its serialised form. Unknown keys, wrong types and
+impossible combinations are rejected at load with one line naming the key. Models are frozen:
+nobody mutates a config after load; variants (tune trials, CLI overrides) are made by
+`with_overrides`, which validates again.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from re2tal.errors import BadInput
+
+# Schemes fsspec can open that we support for videos, annotations and checkpoints.
+URL_SCHEMES = ("", "file", "s3", "s3a", "gs", "gcs", "http", "https", "memory")
+
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def check_url(value: str | None) -> str | None:
+    """A URL fsspec can open (s3://, gs://, http(s)://, file://, or a plain local path)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError("must not be empty")
+    scheme = urlsplit(value).scheme
+    if len(scheme) == 1:  # a Windows drive letter is a plain path
+        scheme = ""
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {value!r} (use one of s3://, gs://, http(s)://, file:// or a local path)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# data, storage, augmentation
+
+
+class SynthConfig(Section):
+    """A synthetic TAL dataset (`re2tal data synth`), generated at `data.annotations`' location
+    when that file does not exist yet. The embedded default dataset of the debug mode."""
+
+    videos: PositiveInt = Field(48, description="Number of videos (training + validation).")
+    val_videos: PositiveInt = Field(12, description="How many of them form the validation subset.")
+    classes: PositiveInt = Field(4, description="Number of action classes (distinct motion patterns).")
+    duration_s: PositiveFloat = Field(60.0, description="Length of each video in seconds.")
+    fps: PositiveFloat = Field(10.0, description="Frame rate of the written mp4 files.")
+    size: PositiveInt = Field(64, description="Frame height and width in pixels.")
+    seed: int = Field(0, description="Seed of the generator: same seed, same videos.")
+
+    @model_validator(mode="after")
+    def _val_fits(self) -> "SynthConfig":
+        if self.val_videos >= self.videos:
+            raise ValueError(f"val_videos: {self.val_videos} leaves no training videos out of videos={self.videos}")
+        return self
+
+
+class DataConfig(Section):
+    """Where the videos and annotations are, and how frames are sampled from long videos."""
+
+    annotations: str = Field(description="URL of the ActivityNet-format annotation JSON (s3://, gs://, http(s)://, file:// or path). Required.")
+    video_root: str | None = Field(None, description="URL prefix of the videos: a video's file is its `url` in the annotations, else `<video_root>/<id>.<video_ext>`. Default: the annotation file's folder.")
+    video_ext: str = Field("mp4", description="File extension of videos under video_root.")
+    train_subset: str = Field("training", description="Annotation subset used for training.")
+    val_subset: str = Field("validation", description="Annotation subset used for evaluation.")
+    sampling: Literal["uniform", "sliding"] = Field("uniform", description="`uniform`: num_frames spread over the whole video (ActivityNet style). `sliding`: windows of num_frames consecutive samples (THUMOS style).")
+    num_frames: PositiveInt = Field(768, description="Frames per clip fed to the backbone.")
+    frame_interval: PositiveInt = Field(1, description="sliding: take every k-th frame of the video.")
+    window_stride: PositiveInt | None = Field(None, description="sliding: sampled frames between the starts of consecutive evaluation windows. Default: num_frames // 2 (50% overlap).")
+    random_truncate: bool = Field(True, description="sliding, training: pick a random window of each video instead of the first.")
+    frame_size: PositiveInt = Field(224, description="Side of the square crop fed to the backbone (pixels).")
+    short_side: PositiveInt | None = Field(None, description="Frames are resized so their short side is this before cropping. Default: frame_size.")
+    batch_size: PositiveInt = Field(1, description="Clips per worker per step.")
+    loader_threads: PositiveInt = Field(2, description="Decoding threads per worker.")
+    prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of the one being decoded.")
+    max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing videos skipped (and logged) before the run fails.")
+    synth: SynthConfig | None = Field(None, description="Generate a synthetic dataset at `annotations`' location if it does not exist.")
+
+    _urls = field_validator("annotations", "video_root")(check_url)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            frames, size = data.get("num_frames", 768), data.get("frame_size", 224)
+            if data.get("window_stride") is None and isinstance(frames, int):
+                data["window_stride"] = max(1, frames // 2)
+            if data.get("short_side") is None and isinstance(size, int):
+                data["short_side"] = size
+        return data
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DataConfig":
+        if self.short_side is not None and self.short_side < self.frame_size:
+            raise ValueError(f"short_side: {self.short_side} is smaller than frame_size={self.frame_size}; frames cannot be cropped to that size")
+        return self
+
+
+class StorageConfig(Section):
+    """Object-storage access and the node-local video cache. Credentials are best left to the
+    standard AWS / GCP environment; if given here they are never logged."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...). Default: AWS.")
+    region: str | None = Field(None, description="S3 region.")
+    access_key_id: SecretStr | None = Field(None, description="S3 access key (default: environment / instance profile).")
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret key (default: environment / instance profile).")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+    cache_dir: str = Field(".cache/videos", description="Node-local directory of fetched videos, shared by the workers of a node.")
+    cache_max_gb: PositiveFloat = Field(20.0, description="Size limit of the video cache; least recently used files are evicted.")
+    retries: NonNegativeInt = Field(5, description="Retries with exponential backoff on transient storage errors.")
+    timeout_s: PositiveFloat = Field(120.0, description="Time limit for fetching one object.")
+
+    _urls = field_validator("endpoint_url")(check_url)
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> "StorageConfig":
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            missing = "secret_access_key" if self.secret_access_key is None else "access_key_id"
+            raise ValueError(f"{missing}: access_key_id and secret_access_key must be given together")
+        return self
+
+
+def _pair(lo_min: float, hi_max: float):
+    def check(v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise ValueError(f"needs {lo_min} <= low <= high <= {hi_max}, got {list(v)}")
+        return v
+
+    return check
+
+
+class AugmentConfig(Section):
+    """Training-time clip augmentations (one random draw per clip, applied to all its frames).
+    The five of Re²TAL's ablation; each is a toggle. Evaluation uses resize + center crop."""
+
+    random_resized_crop: bool = Field(True, description="Random resized crop.")
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="Area fraction range of the random crop.")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Aspect ratio range of the random crop.")
+    hflip: bool = Field(True, description="Random horizontal flip (p = 0.5).")
+    temporal_jitter: bool = Field(True, description="Shift each sampled frame index randomly within its sampling interval.")
+    rotation: bool = Field(False, description="Random rotation.")
+    rotation_degrees: NonNegativeFloat = Field(10.0, description="Maximum rotation angle.")
+    color_jitter: bool = Field(False, description="Random brightness / contrast / saturation / hue.")
+    brightness: NonNegativeFloat = Field(0.4, description="Color jitter brightness strength.")
+    contrast: NonNegativeFloat = Field(0.4, description="Color jitter contrast strength.")
+    saturation: NonNegativeFloat = Field(0.4, description="Color jitter saturation strength.")
+    hue: float = Field(0.1, ge=0.0, le=0.5, description="Color jitter hue strength (<= 0.5).")
+
+    _scale = field_validator("crop_scale")(_pair(1e-3, 1.0))
+    _ratio = field_validator("crop_ratio")(_pair(1e-2, 100.0))
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+BackboneName = Literal["swin_t", "pst_t"]
+
+
+class PatchShiftConfig(Section):
+    """Temporal patch shift (TPS / PST) inside window attention; only for `pst_t`."""
+
+    pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper (C: 3x3 tile over 9 frames).")
+    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: every other block of each stage (as the paper) or all.")
+    boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Temporal boundary: cyclic roll (as the paper) or zero padding.")
+
+
+class BackboneConfig(Section):
+    """The video backbone, its weights and how it is run (reversible or not)."""
+
+    name: BackboneName = Field("swin_t", description="Backbone family: swin_t (Video Swin-T) or pst_t (Swin-T with temporal patch shift).")
+    reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
+    activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
+    fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights (torchvision swin3d_t state-dict layout). None: random init.")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth rate (linearly increasing over blocks).")
+    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen (-1: none, 0: patch embedding, k: embedding + first k stages).")
+    norm_eval: bool = Field(False, description="Keep normalisation layers in eval mode during training.")
+    embed_dim: PositiveInt = Field(96, description="Channels of the first stage (Swin-T: 96).")
+    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage (Swin-T: 2-2-6-2).")
+    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="Attention heads per stage.")
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="Patch embedding size (T, H, W).")
+    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="Attention window (T, H, W).")
+    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift settings (pst_t only; default for pst_t: pattern C, alternate blocks, cyclic).")
+    pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input (0-1 scale).")
+    pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input.")
+
+    _urls = field_validator("pretrained")(check_url)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_shift(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "pst_t" and data.get("patch_shift") is None:
+            data = {**data, "patch_shift": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BackboneConfig":
+        if self.reversible and self.activation_checkpointing:
+            raise ValueError("activation_checkpointing: cannot be combined with reversible=true (reversible stages already recompute activations)")
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"num_heads: has {len(self.num_heads)} entries but depths has {len(self.depths)}")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ValueError(f"num_heads: stage {i} has {self.embed_dim * 2**i} channels, not divisible by {heads} heads")
+        if self.frozen_stages > len(self.depths):
+            raise ValueError(f"frozen_stages: {self.frozen_stages} exceeds the {len(self.depths)} stages")
+        if self.patch_shift is not None and self.name != "pst_t":
+            raise ValueError(f"patch_shift: only pst_t shifts patches, not {self.name}")
+        return self
+
+    @property
+    def temporal_stride(self) -> int:
+        """Input frames per output feature step."""
+        return self.patch_size[0]
+
+    @property
+    def spatial_stride(self) -> int:
+        """Input pixels per output feature cell (patch size x 2 per patch merging)."""
+        return self.patch_size[1] * 2 ** (len(self.depths) - 1)
+
+
+class NmsConfig(Section):
+    """Post-processing: segment decoding and Soft-NMS."""
+
+    pre_nms_topk: PositiveInt = Field(2000, description="Candidates kept per video before NMS.")
+    pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Candidates below this score are dropped before NMS.")
+    sigma: PositiveFloat = Field(0.5, description="Gaussian Soft-NMS sigma.")
+    min_score: NonNegativeFloat = Field(0.001, description="Segments below this score after NMS are dropped.")
+    max_segments: PositiveInt = Field(100, description="Segments kept per video.")
+    class_agnostic: bool = Field(False, description="Run NMS over all classes together instead of per class.")
+    external_scores: str | None = Field(None, description="URL of video-level class scores JSON ({video: {label: score}}) fused as score * class score (needs head.num_classes=1).")
+    topk_classes: PositiveInt = Field(2, description="With external_scores: classes per video that segments are assigned to.")
+
+    _urls = field_validator("external_scores")(check_url)
+
+
+class HeadConfig(Section):
+    """ActionFormer-style neck and heads, label assignment and losses."""
+
+    num_classes: PositiveInt = Field(description="Action classes (1: class-agnostic, scored by external video-level classes). Required.")
+    seq_len: PositiveInt = Field(192, description="Backbone features are resampled to this many time steps.")
+    embed_dim: PositiveInt = Field(256, description="Channels of the neck and heads.")
+    embed_convs: PositiveInt = Field(2, description="1-D conv layers projecting backbone features.")
+    stem_layers: NonNegativeInt = Field(2, description="Transformer layers at full resolution.")
+    fpn_levels: PositiveInt = Field(6, description="Pyramid levels (each halves the temporal length).")
+    attn_window: int = Field(7, description="Local self-attention window (odd; -1: global).")
+    num_attn_heads: PositiveInt = Field(4, description="Attention heads in the encoder.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the encoder.")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth in the encoder.")
+    regression_ranges: list[tuple[NonNegativeFloat, PositiveFloat]] | None = Field(None, description="Per level [low, high) of segment length (in time steps of that level's input grid) assigned to it. Default: [0,4],[4,8],...,[2^(L+1),inf).")
+    center_sample_radius: PositiveFloat = Field(1.5, description="Center sampling radius (in level strides).")
+    reg_loss: Literal["diou", "giou"] = Field("diou", description="1-D IoU loss of the regression head.")
+    reg_loss_weight: NonNegativeFloat = Field(1.0, description="Weight of the regression loss.")
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Sigmoid focal loss alpha.")
+    focal_gamma: NonNegativeFloat = Field(2.0, description="Sigmoid focal loss gamma.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the classification targets.")
+    loss_norm_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA momentum of the positive count normaliser.")
+    nms: NmsConfig = Field(default_factory=NmsConfig, description="Post-processing.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_ranges(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("regression_ranges") is None:
+            levels = data.get("fpn_levels", 6)
+            if isinstance(levels, int) and levels > 0:
+                ranges = [[0 if i == 0 else 2 ** (i + 1), 2 ** (i + 2)] for i in range(levels)]
+                ranges[-1][1] = 1e4
+                data = {**data, "regression_ranges": ranges}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HeadConfig":
+        if self.seq_len % 2 ** (self.fpn_levels - 1):
+            raise ValueError(f"seq_len: {self.seq_len} is not divisible by 2^(fpn_levels-1) = {2 ** (self.fpn_levels - 1)}")
+        if self.regression_ranges is not None and len(self.regression_ranges) != self.fpn_levels:
+            raise ValueError(f"regression_ranges: has {len(self.regression_ranges)} entries for {self.fpn_levels} fpn_levels")
+        if self.attn_window != -1 and (self.attn_window < 1 or self.attn_window % 2 == 0):
+            raise ValueError(f"attn_window: must be odd and positive or -1, got {self.attn_window}")
+        if self.embed_dim % self.num_attn_heads:
+            raise ValueError(f"num_attn_heads: {self.num_attn_heads} does not divide embed_dim={self.embed_dim}")
+        if self.nms.external_scores is not None and self.num_classes != 1:
+            raise ValueError("nms.external_scores: external class scores need a class-agnostic head (num_classes=1)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation, distributed training
+
+
+class OptimConfig(Section):
+    """AdamW with separate backbone / head learning rates, linear warmup then cosine decay."""
+
+    backbone_lr: NonNegativeFloat = Field(1e-5, description="Learning rate of the backbone parameters.")
+    head_lr: PositiveFloat = Field(1e-4, description="Learning rate of the neck / head parameters.")
+    weight_decay: NonNegativeFloat = Field(0.05, description="AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_epochs: NonNegativeFloat = Field(5.0, description="Linear warmup length in epochs.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine schedule floor as a fraction of the peak lr.")
+    ema: bool = Field(False, description="Keep an exponential moving average of the weights for evaluation.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TrainConfig(Section):
+    """The training run: Ray Train workers, length, evaluation, checkpoints, restarts."""
+
+    name: str = Field("re2tal", description="Run name. Re-running the same name resumes from its last checkpoint.")
+    storage_path: str = Field("runs", description="Where checkpoints and results go (local dir or s3://...).")
+    epochs: PositiveInt = Field(15, description="Training epochs.")
+    num_workers: NonNegativeInt = Field(2, description="Ray Train workers (0: in-process local mode for debugging).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker.")
+    eval_every_epochs: PositiveInt = Field(1, description="Evaluate on the validation subset every k epochs (and after the last).")
+    report_every_steps: PositiveInt = Field(10, description="Report training metrics every k optimizer steps.")
+    seed: int = Field(0, description="Seed of model init, sampling and augmentation.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
+    keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept in storage_path.")
+
+    _urls = field_validator("storage_path")(check_url)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not RUN_NAME.match(v):
+            raise ValueError(f"{v!r} must be letters, digits, '_', '.', '-' (it names directories)")
+        return v
+
+
+class DeepSpeedConfig(Section):
+    """The DeepSpeed engine of each worker."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage (0-3).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision (fp16 needs a GPU).")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    gradient_clipping: NonNegativeFloat = Field(1.0, description="Global gradient-norm clip (0: off).")
+    offload_optimizer: bool = Field(False, description="ZeRO offload of optimizer states to CPU memory.")
+
+
+# --------------------------------------------------------------------------------------------
+# sweeps and tracking
+
+
+class SearchDim(Section):
+    """One dimension of a search space: exactly one of the four forms."""
+
+    choice: list[Any] | None = Field(None, description="Pick one of these values.")
+    uniform: tuple[float, float] | None = Field(None, description="Uniform float in [low, high].")
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = Field(None, description="Log-uniform float in [low, high].")
+    randint: tuple[int, int] | None = Field(None, description="Integer in [low, high).")
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchDim":
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice / uniform / loguniform / randint, got {given or 'none'}")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """Values at the edges of the dimension (validated against the config at load)."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.uniform or self.loguniform)
+
+
+class TuneConfig(Section):
+    """Ray Tune sweep over config keys (augmentations, backbone choices, learning rates)."""
+
+    name: str = Field("re2tal-tune", description="Sweep name (re-running the same name resumes it).")
+    num_samples: PositiveInt = Field(8, description="Trials to sample.")
+    metric: str = Field("average_mAP", description="Metric to optimise.")
+    mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
+    scheduler: Literal["fifo", "asha"] = Field("asha", description="Trial scheduler (asha stops weak trials early).")
+    grace_period_epochs: PositiveInt = Field(1, description="asha: epochs before a trial may be stopped.")
+    max_concurrent_trials: PositiveInt = Field(1, description="Trials run at the same time.")
+    space: dict[str, SearchDim] = Field(default_factory=dict, description="Dotted config key -> search dimension, e.g. `augment.hflip: {choice: [true, false]}`.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return TrainConfig._name(v)
+
+
+class TrackingConfig(Section):
+    """MLflow tracking of every run (from rank 0)."""
+
+    enabled: bool = Field(True, description="Log the run to MLflow.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file.db or http(s)://server).")
+    experiment: str = Field("re2tal", description="MLflow experiment name.")
+    timeline_videos: NonNegativeInt = Field(4, description="Validation videos drawn in the detection timeline plot.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme in ("", "file"):
+            raise ValueError(f"{v!r} is the plain file store, which MLflow 3 refuses; use sqlite:///mlflow.db or an http(s):// tracking server")
+        if scheme not in ("sqlite", "http", "https", "postgresql", "mysql", "databricks"):
+            raise ValueError(f"unsupported tracking URI scheme {scheme!r}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# the tree
+
+
+class Config(Section):
+    """The whole resolved config of a run."""
+
+    data: DataConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Config":
+        d, b = self.data, self.backbone
+        if d.num_frames % b.temporal_stride:
+            raise ValueError(f"data.num_frames: {d.num_frames} is not divisible by the backbone's temporal patch size {b.temporal_stride}")
+        if d.frame_size % b.spatial_stride:
+            raise ValueError(f"data.frame_size: {d.frame_size} is not divisible by {b.spatial_stride} (patch size x patch merges of {b.name})")
+        if self.deepspeed.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("deepspeed.precision: fp16 needs a GPU (train.use_gpu=true); use bf16 or fp32 on CPU")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs zero_stage >= 1")
+        if d.synth is not None and d.synth.classes != self.head.num_classes:
+            raise ValueError(f"head.num_classes: {self.head.num_classes} but the synthetic dataset (data.synth.classes) has {d.synth.classes} classes")
+        if self.train.num_workers == 0 and self.train.use_gpu:
+            raise ValueError("train.use_gpu: the in-process local mode (num_workers=0) runs on CPU")
+        return self
+
+    # -- serialisation ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, secrets kept (for re-validation in this process, never for logging)."""
+        return _reveal(self.model_dump(mode="python"))
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, secrets masked (this is what is logged with a run)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `section.key` -> value, secrets left out (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, model: BaseModel) -> None:
+            for name in type(model).model_fields:
+                value = getattr(model, name)
+                key = f"{prefix}{name}"
+                if isinstance(value, SecretStr):
+                    continue
+                if isinstance(value, BaseModel):
+                    walk(key + ".", value)
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        out[f"{key}.{k}"] = v.model_dump(exclude_none=True) if isinstance(v, BaseModel) else v
+                else:
+                    out[key] = list(value) if isinstance(value, tuple) else value
+
+        walk("", self)
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
+        """A new, validated config with dotted keys replaced (tune trials, CLI --set)."""
+        return validate(apply_overrides(self.to_dict(), overrides))
+
+
+def _reveal(obj: Any) -> Any:
+    if isinstance(obj, SecretStr):
+        return obj.get_secret_value()
+    if isinstance(obj, dict):
+        return {k: _reveal(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_reveal(v) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> ("key.sub", value parsed as YAML: 3, 1e-4, true, [1, 2], null, text)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not all(key.split(".")):
+        raise BadInput(f"--set {text!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise BadInput(f"--set {key}: cannot parse value {raw!r} ({err.__class__.__name__})") from None
+    if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 1e-4 as a string
+        value = float(value)
+    return key, value
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy), creating sections that are absent."""
+    out = _copy(tree)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise BadInput(f"{'.'.join(parts[: i + 1])}: is a value, not a section, so {dotted} cannot be set")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _copy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy(v) for v in obj]
+    return obj
+
+
+def format_error(err: ValidationError) -> str:
+    """One line naming each offending key.
+
+    Validators name the key they reject as "key: problem", relative to the section they check
+    (the top-level validator uses full dotted keys); that key is joined onto the location."""
+    parts = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "value_error":
+            key, sep, rest = msg.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.]*", key):
+                loc, msg = loc + [key], rest
+        elif not isinstance(e.get("input"), (dict, list)):
+            msg = f"{msg}, got {e.get('input')!r}"
+        parts.append(f"{'.'.join(loc) or 'config'}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(tree: Any) -> Config:
+    if not isinstance(tree, dict):
+        raise BadInput(f"config: expected a mapping of sections, got {type(tree).__name__}")
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as err:
+        raise BadInput(format_error(err)) from None
+    _check_space(cfg)
+    return cfg
+
+
+def _check_space(cfg: Config) -> None:
+    """Every swept key exists and every edge of its range gives a valid config."""
+    base = apply_overrides(cfg.to_dict(), {"tune.space": {}})
+    for key, dim in cfg.tune.space.items():
+        if key.startswith("tune.") or not _is_field(Config, key.split(".")):
+            raise BadInput(f"tune.space.{key}: not a config key that a sweep can set")
+        for value in dim.bounds():
+            try:
+                Config.model_validate(apply_overrides(base, {key: value}))
+            except ValidationError as err:
+                raise BadInput(f"tune.space.{key}: value {value!r} is invalid ({format_error(err)})") from None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model type of a section field (`Model` or `Model | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = getattr(annotation, "__args__", ())
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and type(None) in args else None
+
+
+def _is_field(model: type[BaseModel], parts: Sequence[str]) -> bool:
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    if len(parts) == 1:
+        return True
+    sub = _section_type(field.annotation)
+    return sub is not None and _is_field(sub, parts[1:])
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise BadInput(f"{path}: cannot read config ({err.strerror or err})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', None) or err.__class__.__name__})") from None
+    tree = tree if tree is not None else {}
+    if not isinstance(tree, dict):
+        raise BadInput(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    return validate(apply_overrides(tree, dict(parse_override(o) for o in overrides)))
+
+
+# --------------------------------------------------------------------------------------------
+# reference documentation
+
+
+def reference_markdown() -> str:
+    """The config reference (README), generated from the schema so it cannot drift."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + name
+            sub = _section_type(field.annotation)
+            if sub is not None:
+                lines.append(f"| **{key}** | section | | {field.description or sub.__doc__.splitlines()[0]} |")
+                walk(key + ".", sub)
+                continue
+            default = "required" if field.is_required() else f"`{_short(field.get_default(call_default_factory=True))}`"
+            lines.append(f"| {key} | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+
+    walk("", Config)
+    return "\n".join(lines) + "\n"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, float):
+        value = round(value, 4)
+    if isinstance(value, list):
+        value = [round(v, 4) if isinstance(v, float) else v for v in value]
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _type_name(annotation: Any) -> str:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " \\| ".join(str(v) for v in annotation.__args__)
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace("typing.", "").replace("pydantic.types.SecretStr", "secret").replace("NoneType", "None")
+    text = re.sub(r"Annotated\[(\w+), [^\]]*\]", r"\1", text)
+    text = re.sub(r"Optional\[(.*)\]$", r"\1 | None", text)
+    return text.replace("|", "\\|")
