@@ -1,0 +1,80 @@
+"""Optimizer parameter groups, the learning-rate schedule and the DeepSpeed engine config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from re2tal.config import Config, OptimConfig
+
+
+def param_groups(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: backbone and head at their own learning rates, and within each, no weight
+    decay for biases, norms and other 1-D parameters or position-bias tables. Frozen parameters
+    (requires_grad=False) are left out."""
+    groups = []
+    for part, module, lr in (("backbone", backbone, cfg.backbone_lr), ("head", head, cfg.head_lr)):
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith("relative_position_bias_table") else decay).append(p)
+        for params, wd, kind in ((decay, cfg.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{part}.{kind}"})
+    return groups
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """lr multiplier at optimizer step s: linear warmup from 0 to 1 over `warmup_steps`, then cosine
+    decay to `min_ratio` at `total_steps`:  m(s) = r + (1 - r) * (1 + cos(pi * p)) / 2,
+    p = (s - warmup) / (total - warmup)."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def scheduler_factory(cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+    """DeepSpeed calls this with its wrapped optimizer; it steps the scheduler once per optimizer
+    step and saves it in checkpoints."""
+    total = steps_per_epoch * epochs
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    schedule = warmup_cosine(total, warmup, cfg.min_lr_ratio)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The engine config of one worker, from the deepspeed / optim / data sections."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.head_lr,
+                "betas": list(cfg.optim.betas),
+                "weight_decay": cfg.optim.weight_decay,
+                # torch's AdamW: DeepSpeed's fused Adam would JIT-compile an op on every new
+                # node (and needs nvcc in the GPU image).
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

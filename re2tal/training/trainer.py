@@ -1,0 +1,163 @@
+"""The trainer driver: what `re2tal train` and `jobs/train.py` run on the Ray driver.
+
+It checks inputs before any worker starts, opens the MLflow run, launches the Ray Train
+`TorchTrainer` whose workers run `re2tal.training.loop.train_loop_per_worker`, shows progress and
+prints the final table. Re-running with the same `train.name` and `train.storage_path` resumes
+from the last checkpoint (Ray Train finds it under `<storage_path>/<name>`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from re2tal.config import Config, StorageConfig
+from re2tal.data.storage import filesystem, protocol
+from re2tal.errors import BadInput
+
+STOP = "__stop__"
+
+
+class TrainingStopped(Exception):
+    """The run ended without finishing (non-finite loss, workers failed past max_failures)."""
+
+
+def storage_for_ray(storage_path: str, storage: StorageConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: local paths made absolute; object stores
+    through the same fsspec filesystem (endpoint, credentials) the data uses, wrapped for pyarrow."""
+    if protocol(storage_path) == "file":
+        path = storage_path.removeprefix("file://")
+        return str(Path(path).expanduser().resolve()), None
+    import pyarrow.fs
+
+    fs, path = filesystem(storage_path, storage)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster this job runs on (RAY_ADDRESS, set by `ray job submit`), else start
+    a local Ray for the debug mode."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
+    env = {"TORCH_EXTENSIONS_DIR": cache, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
+    runtime_env = {"env_vars": {k: v for k, v in env.items() if v}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+class Progress:
+    """Consumes the progress records rank 0 puts on a queue; draws a tqdm bar (epoch, step, loss,
+    lr, ETA) and one line per evaluation."""
+
+    def __init__(self, q, total_steps: int):
+        from tqdm import tqdm
+
+        self.q = q
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, desc="train")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                rec = self.q.get(timeout=0.5)
+            except (queue.Empty, Exception) as err:  # ray.util.queue raises its own Empty
+                if type(err).__name__ == "Empty":
+                    continue
+                raise
+            if rec == STOP:
+                return
+            kind = rec.pop("kind")
+            if kind == "step":
+                self.bar.n = rec["step"]
+                self.bar.set_postfix(epoch=rec["epoch"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                self.bar.refresh()
+            elif kind == "eval":
+                self.bar.write(f"epoch {rec['epoch']}: average mAP {rec['average_mAP']:.4f}  " +
+                               "  ".join(f"mAP@{t} {v:.3f}" for t, v in rec["mAP"].items()))
+            elif kind == "message":
+                self.bar.write(rec["text"])
+
+    def close(self) -> None:
+        self.q.put(STOP)
+        self.thread.join(timeout=5)
+        self.bar.close()
+
+
+def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None,
+        on_result: Callable[[dict], None] | None = None) -> dict:
+    """Train; returns the final metrics of rank 0. Raises BadInput for bad inputs (before any
+    worker starts) and TrainingStopped when the run cannot finish."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from re2tal import tracking
+    from re2tal.data import prepare_dataset
+    from re2tal.training.loop import train_loop_per_worker
+
+    annotations = prepare_dataset(cfg)  # synthetic set generated if configured; BadInput early
+    storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
+    num_workers = 0 if local else cfg.train.num_workers
+    if not local:
+        init_ray()
+    import ray.util.queue
+
+    progress_q = ray.util.queue.Queue() if not local else queue.Queue()
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri, run_id, resumed = tracking.open_run(cfg)
+    steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
+    progress = Progress(progress_q, steps_total)
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id), "progress": progress_q},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.train.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+        if metrics.get("stopped"):
+            raise TrainingStopped(metrics["stopped"])
+        status = "FINISHED"
+        return metrics
+    except ray.train.TrainingFailedError as err:
+        raise TrainingStopped(f"training failed after {cfg.train.max_failures} restart(s): {_first_line(err)}") from err
+    finally:
+        progress.close()
+        if run_id is not None:
+            tracking.close_run(uri, run_id, status)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def steps_per_epoch(cfg: Config, annotations, world_size: int) -> int:
+    """Optimizer steps per epoch: every worker takes the same number of micro-batches (a rank that
+    ran one more would wait forever in the gradient all-reduce), so the remainder is dropped."""
+    n = len(annotations.subset(cfg.data.train_subset))
+    micro = n // (world_size * cfg.data.batch_size)
+    if micro == 0:
+        raise BadInput(f"data.train_subset: {n} training videos are fewer than workers x batch size = {world_size * cfg.data.batch_size}")
+    return max(1, micro // cfg.deepspeed.gradient_accumulation_steps)
