@@ -246,7 +246,7 @@ class BackboneConfig(Section):
 class NmsConfig(Section):
     """Post-processing: segment decoding and Soft-NMS."""
 
-    pre_nms_topk: PositiveInt = Field(2000, description="Candidates kept per video before NMS.")
+    pre_nms_topk: PositiveInt = Field(2000, description="Candidates (point, class) of highest score kept per clip, over all levels, before NMS.")
     pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Candidates below this score are dropped before NMS.")
     sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma).")
     min_score: NonNegativeFloat = Field(0.001, description="Segments below this score after NMS are dropped.")

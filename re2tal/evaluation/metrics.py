@@ -61,8 +61,8 @@ def segment_tiou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 def _tiou(ps: np.ndarray, pe: np.ndarray, gs: np.ndarray, ge: np.ndarray) -> np.ndarray:
     """|p ∩ g| / (|g| + |p| - |p ∩ g|), in the reference code's order of operations.
 
-    Where the union is empty (both segments are points) it is 1 for the same point and 0
-    otherwise; the reference code divides 0 by 0 there and its NaN happens to match."""
+    Where the union is empty (both segments are points) it is 1 for the same point and 0 for
+    different points (the ActivityNet code divides 0 by 0 there)."""
     inter = np.minimum(pe, ge) - np.maximum(ps, gs)
     np.maximum(inter, 0.0, out=inter)
     union = (ge - gs) + (pe - ps) - inter
@@ -79,33 +79,47 @@ def average_precision(gt_video: np.ndarray, gt_label: np.ndarray, gt_segment: np
     of the predictions (video -1: a video without ground truth; label in [0, num_classes)).
     """
     thresholds = np.asarray(thresholds, dtype=np.float64)
+    T = len(thresholds)
     order = _protocol_order(label, score)
-    video, label, segment = video[order], label[order], segment[order]
-    tp = _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, segment, thresholds)
+    tp_t, tp_index = _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, segment, order, thresholds)
+    position = np.empty(order.size, dtype=np.int64)
+    position[order] = np.arange(order.size)
 
+    # Only true positives enter the sum: recall steps there, and the interpolated precision at a
+    # true positive (the highest precision at or after it) is attained at a true positive, as a
+    # false positive's precision is below that of the true positive before it.
     npos = np.bincount(gt_label, minlength=num_classes).astype(np.float64)
-    bounds = np.searchsorted(label, np.arange(num_classes + 1))
-    ap = np.zeros((len(thresholds), num_classes))
+    class_size = np.bincount(label, minlength=num_classes)
+    class_start = np.cumsum(class_size) - class_size  # where each class begins in protocol order
+    tp_pos, tp_class = position[tp_index], label[tp_index]
+    by_class = np.lexsort((tp_pos, tp_t, tp_class))
+    tp_t, tp_pos, tp_class = tp_t[by_class], tp_pos[by_class], tp_class[by_class]
+    bounds = np.searchsorted(tp_class, np.arange(num_classes + 1))
+    ap = np.zeros((T, num_classes))
     for c in np.flatnonzero(np.diff(bounds)):
-        tp_cum = np.cumsum(tp[:, bounds[c]:bounds[c + 1]], axis=1, dtype=np.float64)  # (T, n_c)
-        precision = tp_cum / np.arange(1, tp_cum.shape[1] + 1, dtype=np.float64)
-        recall = tp_cum / npos[c]
-        envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-        step = np.diff(recall, axis=1, prepend=0.0)  # non-zero at true positives only
-        for t in range(len(thresholds)):
-            ap[t, c] = _all_point_sum(step[t], envelope[t], recall[t, -1])
+        t = tp_t[bounds[c]:bounds[c + 1]]
+        i = (tp_pos[bounds[c]:bounds[c + 1]] - class_start[c] + 1).astype(np.float64)  # rank in class c
+        count = np.bincount(t, minlength=T)  # true positives per threshold
+        col = np.arange(t.size) - (np.cumsum(count) - count)[t]
+        k = col + 1.0  # the k-th true positive: TP_i = k
+        precision = np.zeros((T, int(count.max())))  # (T, k), 0 after the last true positive
+        precision[t, col] = k / i
+        envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1][t, col]
+        step = k / npos[c] - (k - 1) / npos[c]  # recall_i - recall_{i-1}, as the reference computes it
+        ap[:, c] = _row_sums(step * envelope, count, count < npos[c])
     return ap
 
 
-def _all_point_sum(step: np.ndarray, envelope: np.ndarray, final_recall: float) -> float:
-    """sum_i step_i * envelope_i over the recall steps, summed exactly as the VOC / ActivityNet
-    code does (same terms, same order, the closing (1 - recall) * 0 term included), so the
-    result is bit-identical to it and not only equal up to rounding."""
-    idx = np.flatnonzero(step)
-    terms = step[idx] * envelope[idx]
-    if final_recall != 1.0:
-        terms = np.append(terms, 0.0)
-    return float(np.sum(terms))
+def _row_sums(terms: np.ndarray, count: np.ndarray, closing: np.ndarray) -> np.ndarray:
+    """Sums of consecutive runs of `count[t]` terms, each followed by one 0.0 where `closing[t]`,
+    summed by np.sum: the same terms in the same order as the VOC / ActivityNet code sums
+    (its last term, (1 - recall) * 0, is that zero), so the AP is bit-identical to it."""
+    slots = count + closing
+    end = np.cumsum(slots)
+    shift = (end - slots) - (np.cumsum(count) - count)  # start of a run in `padded` minus in `terms`
+    padded = np.zeros(int(end[-1]))
+    padded[np.arange(terms.size) + np.repeat(shift, count)] = terms
+    return np.array([np.sum(padded[e - n:e]) for e, n in zip(end, slots)])
 
 
 def _protocol_order(label: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -132,20 +146,24 @@ def _stable_argsort(keys: np.ndarray, tiebreak: np.ndarray | None = None) -> np.
     return np.lexsort((tiebreak, keys))
 
 
-def _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, segment, thresholds) -> np.ndarray:
-    """True positives (T, M) of predictions given in protocol order (class, score descending)."""
+def _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, segment, order, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """True positives as (threshold index, prediction index) pairs; `order` is the protocol
+    order (class, score descending)."""
     T, M = len(thresholds), len(video)
-    tp = np.zeros((T, M), dtype=bool)
+    none = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     if M == 0:
-        return tp
+        return none
     # ground truth grouped by (video, class); within a group in file order
     g_key = gt_video * num_classes + gt_label
     g_order = np.argsort(g_key, kind="stable")
     g_key, g_start, g_end = g_key[g_order], gt_segment[g_order, 0], gt_segment[g_order, 1]
-    # predictions grouped by (video, class); within a group in protocol order
-    p_key = np.where(video >= 0, video * num_classes + label, -1)
-    by_group = _stable_argsort(p_key)
-    p_key, p_start, p_end = p_key[by_group], segment[by_group, 0], segment[by_group, 1]
+    # predictions grouped by (video, class), within a group in protocol order: as that order is
+    # by class already, a stable sort of it by video does it
+    by_group = order[_stable_argsort(video[order] + 1)]
+    v = video[by_group]
+    p_key = np.where(v >= 0, v * num_classes + label[by_group], -1)
+    p_seg = segment[by_group]
+    p_start, p_end = p_seg[:, 0], p_seg[:, 1]
     heads = np.flatnonzero(np.r_[True, p_key[1:] != p_key[:-1]])
     sizes = np.diff(np.r_[heads, M])
     lo = np.searchsorted(g_key, p_key[heads], side="left")
@@ -158,7 +176,7 @@ def _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, seg
     keep = tiou >= thresholds.min()
     pair_p, pair_g, tiou = pair_p[keep], pair_g[keep], tiou[keep]
     if pair_p.size == 0:
-        return tp
+        return none
 
     # rank of each candidate (a prediction with a kept pair) among the candidates of its group
     cand = np.zeros(M, dtype=bool)
@@ -166,8 +184,13 @@ def _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, seg
     seen = np.cumsum(cand)
     head = np.repeat(heads, sizes)
     rank = seen - 1 - (seen[head] - cand[head])
-    # round r matches the r-th candidate of every group; pairs stay in prediction order, and
-    # within a prediction in ground-truth file order
+    # a prediction's pairs by tIoU descending (equal: earlier ground truth), so that its first
+    # free pair is the one to take; only predictions with several pairs need sorting
+    several = np.flatnonzero(np.bincount(pair_p, minlength=M)[pair_p] > 1)
+    if several.size:
+        moved = several[np.lexsort((pair_g[several], -tiou[several], pair_p[several]))]
+        pair_g[several], tiou[several] = pair_g[moved], tiou[moved]
+    # round r matches the r-th candidate of every group (stable: pairs keep the order above)
     s = _stable_argsort(rank[pair_p])
     pair_p, pair_g, tiou = pair_p[s], pair_g[s], tiou[s]
     rounds = np.searchsorted(rank[pair_p], np.arange(rank[pair_p[-1]] + 2))
@@ -178,18 +201,16 @@ def _greedy_match(gt_video, gt_label, gt_segment, num_classes, video, label, seg
         # the groups of one round are distinct, so their ground truths are too
         free = (t[None, :] >= thresholds[:, None]) & ~locked[:, g]  # (T, m)
         first = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
-        if first.size < p.size:  # some predictions have several: take the free one of highest tIoU, the first if tied
-            size = np.diff(np.r_[first, p.size])
-            value = np.where(free, t[None, :], -1.0)
-            free &= value == np.repeat(np.maximum.reduceat(value, first, axis=1), size, axis=1)
-            count = np.cumsum(free, axis=1)
-            free &= count - np.concatenate([np.zeros((T, 1), dtype=count.dtype), count], axis=1)[:, np.repeat(first, size)] == 1
-        ti, j = np.nonzero(free)
+        if first.size == p.size:
+            ti, j = np.nonzero(free)
+        else:  # the first free pair of each prediction
+            j = np.minimum.reduceat(np.where(free, np.arange(p.size), p.size), first, axis=1)  # (T, predictions)
+            ti, k = np.nonzero(j < p.size)
+            j = j[ti, k]
         locked[ti, g[j]] = True
         matched_t.append(ti)
         matched_p.append(p[j])
-    tp[np.concatenate(matched_t), by_group[np.concatenate(matched_p)]] = True
-    return tp
+    return np.concatenate(matched_t), by_group[np.concatenate(matched_p)]
 
 
 def evaluate_detection(gt: GroundTruth, preds: Predictions, thresholds: np.ndarray = ANET_THRESHOLDS) -> dict:
