@@ -93,9 +93,16 @@ class DetectionLoss(nn.Module):
         self.register_buffer("loss_norm", torch.tensor(float(cfg.init_loss_norm)))
 
     def forward(self, out: DetectorOutput, gt_segments: list[torch.Tensor], gt_labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """out: the detector's output; gt_segments[b] (N_b, 2) grid units (`seconds_to_grid`),
+        gt_labels[b] (N_b,) class ids. Returns 0-dim fp32 `loss`, `cls_loss`, `reg_loss`."""
+        # fp32 throughout, also when the model ran under autocast
+        with torch.autocast(out.cls_logits[0].device.type, enabled=False):
+            return self._losses(out, gt_segments, gt_labels)
+
+    def _losses(self, out: DetectorOutput, gt_segments: list[torch.Tensor], gt_labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         logits, offsets, valid, points, strides = out.flat()
-        logits, offsets = logits.float(), offsets.float()  # losses in fp32 under autocast
+        logits, offsets = logits.float(), offsets.float()
         ranges = torch.tensor(cfg.regression_ranges, dtype=torch.float32, device=points.device)
         level_ranges = torch.cat([ranges[i].expand(len(p), 2) for i, p in enumerate(out.points)])
         cls_t, reg_t = assign_targets(points, strides, level_ranges, gt_segments, gt_labels, cfg.num_classes,

@@ -14,7 +14,7 @@ after every layer, cannot be attended to, and come back in `masks` so losses and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,13 @@ from torchvision.ops import StochasticDepth
 from re2tal.config import HeadConfig
 
 
-@dataclass
-class DetectorOutput:
+class DetectorOutput(NamedTuple):
     """Per pyramid level l (stride 2^l, T_l = L / 2^l positions):
     cls_logits (B, T_l, K), offsets (B, T_l, 2) >= 0 in strides, masks (B, T_l) bool (real
-    positions), points (T_l,) grid position of each point (j * 2^l)."""
+    positions), points (T_l,) grid position of each point (j * 2^l).
+
+    A named tuple of lists, so that wrappers which walk a module's outputs (DeepSpeed ZeRO-3
+    backward hooks) reach every tensor."""
 
     cls_logits: list[torch.Tensor]
     offsets: list[torch.Tensor]
@@ -96,6 +98,17 @@ class EncoderBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) * m
 
 
+class Scale(nn.Module):
+    """x * s with one learnable scalar s (per pyramid level, on the shared regression head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))  # 1-D: DeepSpeed cannot broadcast 0-dim bf16 parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 class Head(nn.Module):
     """Conv head shared by all levels: `depth` x (conv, LayerNorm, ReLU), then a conv to `c_out`."""
 
@@ -130,7 +143,7 @@ class Detector(nn.Module):
         self.level_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.fpn_levels))
         self.cls_head = Head(D, cfg.num_classes, cfg.head_convs)
         self.reg_head = Head(D, 2, cfg.head_convs)
-        self.reg_scales = nn.Parameter(torch.ones(cfg.fpn_levels))
+        self.reg_scales = nn.ModuleList(Scale() for _ in range(cfg.fpn_levels))
         # start every class at probability cls_prior_prob so the focal loss starts small (RetinaNet)
         nn.init.constant_(self.cls_head.out.conv.bias, -math.log((1 - cfg.cls_prior_prob) / cfg.cls_prior_prob))
 
@@ -163,7 +176,7 @@ class Detector(nn.Module):
         for level, (f, m) in enumerate(zip(feats_l, masks)):
             f = self.level_norms[level](f)
             cls_logits.append(self.cls_head(f, m))
-            offsets.append(F.relu(self.reg_head(f, m) * self.reg_scales[level]))
+            offsets.append(F.relu(self.reg_scales[level](self.reg_head(f, m))))
             strides.append(2**level)
             points.append(torch.arange(f.shape[1], device=f.device, dtype=torch.float32) * 2**level)
         return DetectorOutput(cls_logits, offsets, masks, points, strides, self.seq_len)

@@ -139,15 +139,15 @@ def parse_predictions(tree: Any, source: str = "predictions") -> Predictions:
         i = int(np.argmax(bad))
         raise BadInput(f"{_entry(source, videos, first, i)}: segment end {float(segment[i, 1])} < start {float(segment[i, 0])}")
 
-    index: dict[str, int] = {}
     try:
-        label = np.fromiter((index.setdefault(name, len(index)) for name in labels), dtype=np.int64, count=len(labels))
+        names = list(dict.fromkeys(labels))  # in order of first appearance
     except TypeError:  # an unhashable label
         _check_slowly(results, source)
         raise
-    names = list(index)
     if any(type(name) is not str for name in names):
         _check_slowly(results, source)
+    index = {name: i for i, name in enumerate(names)}
+    label = np.fromiter(map(index.__getitem__, labels), dtype=np.int64, count=len(labels))
     return Predictions(videos=videos, labels=names, video=np.repeat(np.arange(len(videos), dtype=np.int64), counts),
                        label=label, segment=segment, score=score)
 
