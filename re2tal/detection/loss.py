@@ -43,8 +43,9 @@ def assign_targets(points: torch.Tensor, strides: torch.Tensor, ranges: torch.Te
     seg = points.new_zeros(B, N, 2)
     lab = torch.zeros(B, N, dtype=torch.long, device=points.device)
     real = torch.zeros(B, N, dtype=torch.bool, device=points.device)
-    for b, (s, c) in enumerate(zip(gt_segments, gt_labels)):
-        seg[b, : len(s)], lab[b, : len(s)], real[b, : len(s)] = s.to(seg), c.to(lab.device), True
+    for i, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
+        n = len(segments)
+        seg[i, :n], lab[i, :n], real[i, :n] = segments.to(seg), labels.to(lab.device), True
 
     x, s = points[None, :, None], strides[None, :, None]  # (1, P, 1)
     a, b = seg[:, None, :, 0], seg[:, None, :, 1]  # (B, 1, N)

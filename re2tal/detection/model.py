@@ -14,6 +14,7 @@ after every layer, cannot be attended to, and come back in `masks` so losses and
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -130,14 +131,14 @@ class Detector(nn.Module):
     def __init__(self, cfg: HeadConfig, in_channels: int):
         super().__init__()
         D = cfg.embed_dim
-        self.seq_len, self.levels, self.num_classes = cfg.seq_len, cfg.fpn_levels, cfg.num_classes
+        self.seq_len = cfg.seq_len
         self.embed = nn.ModuleList(MaskedConv(in_channels if i == 0 else D, D, bias=False) for i in range(cfg.embed_convs))
         self.embed_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.embed_convs))
         if cfg.abs_position:
             self.register_buffer("position", sinusoid(cfg.seq_len, D), persistent=False)
         else:
             self.position = None
-        block = lambda: EncoderBlock(D, cfg.num_attn_heads, cfg.attn_window, cfg.dropout, cfg.drop_path)  # noqa: E731
+        block = partial(EncoderBlock, D, cfg.num_attn_heads, cfg.attn_window, cfg.dropout, cfg.drop_path)
         self.stem = nn.ModuleList(block() for _ in range(cfg.stem_layers))
         self.branch = nn.ModuleList(block() for _ in range(cfg.fpn_levels - 1))
         self.level_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.fpn_levels))

@@ -130,8 +130,9 @@ def to_predictions(clips: Sequence[Mapping[str, torch.Tensor]], videos: Sequence
 
 
 def _merge_windows(seg: np.ndarray, score: np.ndarray, label: np.ndarray, cfg: NmsConfig):
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None]  # noqa: E731
-    keep, kept_scores, valid = soft_nms(t(seg), t(score), t(label), torch.ones(1, len(score), dtype=torch.bool),
+    """Soft-NMS over the segments of all windows of one video (seconds; tIoU does not care)."""
+    batch = [torch.from_numpy(np.ascontiguousarray(a))[None] for a in (seg, score, label)]
+    keep, kept_scores, valid = soft_nms(*batch, torch.ones(1, len(score), dtype=torch.bool),
                                         cfg.sigma, cfg.min_score, cfg.max_segments, cfg.class_agnostic)
     i = keep[0, valid[0]].numpy()
     return seg[i], kept_scores[0, valid[0]].double().numpy(), label[i]
