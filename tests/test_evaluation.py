@@ -17,6 +17,7 @@ from re2tal.evaluation import (
     ANET_THRESHOLDS,
     THUMOS_THRESHOLDS,
     evaluate_detection,
+    evaluate as evaluate_trees,
     parse_ground_truth,
     parse_predictions,
     parse_thresholds,
@@ -197,6 +198,15 @@ def test_zero_length_segments_match_only_the_same_point():
     gt = gt_tree({"a": [(5, 5, "x"), (7, 7, "x")]})
     preds = pred_tree({"a": [(5, 5, "x", 0.9), (8, 8, "x", 0.8)]})
     assert evaluate(gt, preds, [0.5])["mAP"]["0.50"] == pytest.approx(0.5)
+
+
+def test_evaluate_json_trees_of_one_subset():
+    gt = gt_tree({"a": [(0, 10, "x")]})
+    gt["database"]["b"] = {"subset": "testing", "annotations": [{"segment": [0, 10], "label": "y"}]}
+    preds = pred_tree({"a": [(0, 10, "x", 0.9)], "b": [(0, 10, "y", 0.9)]})
+    assert evaluate_trees(gt, preds, "validation", [0.5])["mAP"] == {"0.50": 1.0}
+    assert evaluate_trees(gt, preds, "testing", [0.5])["per_class"] == {"y": {"0.50": 1.0, "average": 1.0}}
+    assert evaluate_trees(gt, preds, None, [0.5])["counts"]["classes"] == 2
 
 
 def test_no_predictions_at_all_gives_zero():

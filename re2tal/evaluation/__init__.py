@@ -3,6 +3,7 @@
     gt = parse_ground_truth(tree, subset="validation")
     preds = parse_predictions(submission)
     evaluate_detection(gt, preds, ANET_THRESHOLDS)  # {"mAP": {"0.50": ...}, "average_mAP": ...}
+    evaluate(annotations_tree, submission_tree, "validation")  # the same from JSON trees
 """
 
 from re2tal.evaluation.formats import GroundTruth, Predictions, parse_ground_truth, parse_predictions
@@ -10,6 +11,7 @@ from re2tal.evaluation.metrics import (
     ANET_THRESHOLDS,
     THUMOS_THRESHOLDS,
     average_precision,
+    evaluate,
     evaluate_detection,
     parse_thresholds,
     recall_at_k,
@@ -23,6 +25,7 @@ __all__ = [
     "GroundTruth",
     "Predictions",
     "average_precision",
+    "evaluate",
     "evaluate_detection",
     "parse_ground_truth",
     "parse_predictions",

@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from re2tal.errors import BadInput
-from re2tal.evaluation.formats import GroundTruth, Predictions
+from re2tal.evaluation.formats import GroundTruth, Predictions, parse_ground_truth, parse_predictions
 
 ANET_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 THUMOS_THRESHOLDS = np.linspace(0.3, 0.7, 5)
@@ -242,6 +242,12 @@ def evaluate_detection(gt: GroundTruth, preds: Predictions, thresholds: np.ndarr
         },
         "labels_without_ground_truth": {preds.labels[i]: int(unknown[i]) for i in np.flatnonzero(unknown)},
     }
+
+
+def evaluate(ground_truth: dict, predictions: dict, subset: str | None = "validation",
+             thresholds: np.ndarray = ANET_THRESHOLDS) -> dict:
+    """`evaluate_detection` on JSON trees: ActivityNet annotations and a submission dict."""
+    return evaluate_detection(parse_ground_truth(ground_truth, subset), parse_predictions(predictions), thresholds)
 
 
 def recall_at_k(gt: GroundTruth, preds: Predictions, k: int = 100, thresholds: np.ndarray = ANET_THRESHOLDS) -> dict:
