@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from re2tal.config import HeadConfig, NmsConfig
+from re2tal.config import HeadConfig, NmsConfig, validate
 from re2tal.detection import (
     DetectionLoss,
     DetectorOutput,
@@ -83,6 +83,17 @@ def test_targets_in_window_cut_and_dropped():
     # kept: [6, 14] (6 of 8 s inside, cut to [8, 14]); [9, 30] has 15 of 21 s inside, cut to [9, 24]
     assert labels.tolist() == [1, 2]
     torch.testing.assert_close(grid, torch.tensor([[-0.5, 2.5], [0.0, 7.5]]))
+
+
+# ------------------------------------------------------------------------------------------
+# config of the head
+
+
+def test_head_config_rejects_inverted_regression_range_naming_the_key():
+    tree = {"data": {"annotations": "a.json"}, "head": {"num_classes": 2, "fpn_levels": 2, "regression_ranges": [[0, 4], [8, 4]]}}
+    with pytest.raises(BadInput, match=r"^head\.regression_ranges: level 1 has low 8\.0 > high 4\.0$"):
+        validate(tree)
+    assert validate({**tree, "head": {"num_classes": 2, "fpn_levels": 3}}).head.regression_ranges == [(0, 4), (4, 8), (8, 1e4)]
 
 
 # ------------------------------------------------------------------------------------------
