@@ -22,13 +22,13 @@ HANDLERS: dict[str, str | None] = {
     "tune": None,
     "eval": None,
     "predict": None,
-    "map": None,
+    "map": "re2tal.evaluation.cli:map_command",
     "data synth": None,
     "data inspect": None,
     "bench memory": None,
     "bench speed": None,
     "bench loader": None,
-    "bench map": None,
+    "bench map": "re2tal.bench.map:main",
     "bench all": None,
 }
 
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p.add_argument("--videos", type=int, default=5000, metavar="N", help="videos in the problem, 100 predictions each (default 5000, ActivityNet validation size)")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

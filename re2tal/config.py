@@ -246,14 +246,15 @@ class BackboneConfig(Section):
 class NmsConfig(Section):
     """Post-processing: segment decoding and Soft-NMS."""
 
-    pre_nms_topk: PositiveInt = Field(2000, description="Candidates kept per video before NMS.")
+    pre_nms_topk: PositiveInt = Field(2000, description="Candidates (point, class) of highest score kept per clip, over all levels, before NMS.")
     pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Candidates below this score are dropped before NMS.")
-    sigma: PositiveFloat = Field(0.5, description="Gaussian Soft-NMS sigma.")
+    sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma).")
     min_score: NonNegativeFloat = Field(0.001, description="Segments below this score after NMS are dropped.")
+    min_length: NonNegativeFloat = Field(0.001, description="Decoded segments not longer than this (in grid steps) are dropped before NMS.")
     max_segments: PositiveInt = Field(100, description="Segments kept per video.")
-    class_agnostic: bool = Field(False, description="Run NMS over all classes together instead of per class.")
+    class_agnostic: bool = Field(False, description="Run NMS over all classes together instead of per class (also when merging sliding windows).")
     external_scores: str | None = Field(None, description="URL of video-level class scores JSON ({video: {label: score}}) fused as score * class score (needs head.num_classes=1).")
-    topk_classes: PositiveInt = Field(2, description="With external_scores: classes per video that segments are assigned to.")
+    topk_classes: PositiveInt = Field(2, description="With external_scores: each segment is repeated for this many top-scoring classes of its video.")
 
     _urls = field_validator("external_scores")(check_url)
 
@@ -265,19 +266,23 @@ class HeadConfig(Section):
     seq_len: PositiveInt = Field(192, description="Backbone features are resampled to this many time steps.")
     embed_dim: PositiveInt = Field(256, description="Channels of the neck and heads.")
     embed_convs: PositiveInt = Field(2, description="1-D conv layers projecting backbone features.")
+    abs_position: bool = Field(True, description="Add a sinusoidal position encoding after the projection (the grid has a fixed length).")
     stem_layers: NonNegativeInt = Field(2, description="Transformer layers at full resolution.")
     fpn_levels: PositiveInt = Field(6, description="Pyramid levels (each halves the temporal length).")
     attn_window: int = Field(7, description="Local self-attention window (odd; -1: global).")
     num_attn_heads: PositiveInt = Field(4, description="Attention heads in the encoder.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the encoder.")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth in the encoder.")
-    regression_ranges: list[tuple[NonNegativeFloat, PositiveFloat]] | None = Field(None, description="Per level [low, high) of segment length (in time steps of that level's input grid) assigned to it. Default: [0,4],[4,8],...,[2^(L+1),inf).")
+    head_convs: NonNegativeInt = Field(2, description="Conv layers of the classification and regression heads before their output conv.")
+    cls_prior_prob: float = Field(0.01, gt=0.0, lt=1.0, description="Initial foreground probability of the classifier (bias init).")
+    regression_ranges: list[tuple[NonNegativeFloat, PositiveFloat]] | None = Field(None, description="Per level [low, high] of the larger distance from a point to the boundaries of a segment it may be assigned, in grid steps. Default: [0,4],[4,8],[8,16],...,[2^L,10000].")
     center_sample_radius: PositiveFloat = Field(1.5, description="Center sampling radius (in level strides).")
     reg_loss: Literal["diou", "giou"] = Field("diou", description="1-D IoU loss of the regression head.")
     reg_loss_weight: NonNegativeFloat = Field(1.0, description="Weight of the regression loss.")
     focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Sigmoid focal loss alpha.")
     focal_gamma: NonNegativeFloat = Field(2.0, description="Sigmoid focal loss gamma.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the classification targets.")
+    init_loss_norm: PositiveFloat = Field(100.0, description="Initial value of the loss normaliser (an EMA of the number of positive points per batch).")
     loss_norm_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA momentum of the positive count normaliser.")
     nms: NmsConfig = Field(default_factory=NmsConfig, description="Post-processing.")
 
@@ -298,6 +303,9 @@ class HeadConfig(Section):
             raise ValueError(f"seq_len: {self.seq_len} is not divisible by 2^(fpn_levels-1) = {2 ** (self.fpn_levels - 1)}")
         if self.regression_ranges is not None and len(self.regression_ranges) != self.fpn_levels:
             raise ValueError(f"regression_ranges: has {len(self.regression_ranges)} entries for {self.fpn_levels} fpn_levels")
+        for i, (low, high) in enumerate(self.regression_ranges or []):
+            if low > high:
+                raise ValueError(f"regression_ranges: level {i} has low {low} > high {high}")
         if self.attn_window != -1 and (self.attn_window < 1 or self.attn_window % 2 == 0):
             raise ValueError(f"attn_window: must be odd and positive or -1, got {self.attn_window}")
         if self.embed_dim % self.num_attn_heads:
