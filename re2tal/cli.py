@@ -24,10 +24,10 @@ HANDLERS: dict[str, str | None] = {
     "predict": None,
     "map": None,
     "data synth": None,
-    "data inspect": None,
+    "data inspect": "re2tal.data.video:inspect_command",
     "bench memory": None,
     "bench speed": None,
-    "bench loader": None,
+    "bench loader": "re2tal.bench.loader:main",
     "bench map": None,
     "bench all": None,
 }
