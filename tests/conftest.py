@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fractions
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -67,6 +68,7 @@ class S3Bucket:
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

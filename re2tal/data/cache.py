@@ -122,6 +122,8 @@ class VideoCache:
             deadline = time.monotonic() + 2 * self.storage.timeout_s + 10
             fetched = False
             while True:
+                if time.monotonic() > deadline:  # only if other processes keep evicting it at once
+                    raise TimeoutError(f"{url}: fetched but evicted again before it could be used; storage.cache_max_gb is too small")
                 _flock(fd, fcntl.LOCK_SH, deadline, url)
                 if path.exists():
                     os.utime(path)  # most recently used

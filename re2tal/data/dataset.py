@@ -1,6 +1,8 @@
 """Clips of one worker's share of an epoch, fetched and decoded ahead in background threads.
 
-    ds = VideoDataset(cfg, cfg.data.train_subset, rank, world_size, epoch, seed, training=True, start=k)
+    ann, source = load_annotations(cfg.data, cfg.storage), VideoSource(cfg.storage)  # once per worker
+    ds = VideoDataset(cfg, cfg.data.train_subset, rank, world_size, epoch, seed, training=True, start=k,
+                      annotations=ann, source=source)
     for batch in batches(ds, cfg.data.batch_size): ...
 
 Sharding: the subset's videos (annotation order) are permuted by a generator seeded with
@@ -13,13 +15,16 @@ Per video: training yields one clip (uniform: the whole video; sliding: a random
 `data.random_truncate`, else the first); evaluation yields every window (sliding) or one clip
 (uniform). Randomness (temporal jitter, truncation) comes from a generator seeded with
 (seed, epoch, the video's position in the annotation file), so it does not depend on thread timing
-or on where a resumed epoch starts.
+or on where a resumed epoch starts. Clips come out in shard order, the windows of one video
+consecutively and in time order (an evaluation loop knows a video is complete when the id changes).
 
 A clip (`Clip`, a dict):
     video_id  str
     frames    uint8 tensor (N, H, W, 3), short side = data.short_side, aspect ratio kept
     window    (start_s, end_s): sample i shows the frame on screen at start + (i + 0.5) * (end - start) / N
-              (with temporal jitter, a random time within that i-th N-th of the window); uniform: (0, duration)
+              (with temporal jitter, a random time within that i-th N-th of the window); uniform:
+              (0, duration); sliding: N * frame_interval / fps long, placed so samples fall on frame
+              centres (the first window starts (frame_interval - 1) / 2 frames before 0)
     valid     int: frames [0, valid) are real, the rest repeat frame valid - 1 (sliding, past the end)
     duration  float: the video's duration in seconds (as decoded)
     fps       float: the video's average frame rate
@@ -31,10 +36,10 @@ right to the largest H, W), `valid` int64 (B,), `mask` bool (B, N) (True for rea
 `size` list of each clip's (H, W) before padding, and lists `video_id`, `window`, `duration`,
 `fps`, `segments`, `labels`.
 
-Pipeline per iteration: `prefetch_videos` threads fetch videos (into the node-local cache when
-remote) up to `loader_threads + prefetch_videos` videos ahead; `loader_threads` threads decode
-(decord releases the GIL), each one video at a time, handing clips over through small queues,
-so at most about 3 x `loader_threads` decoded clips are in memory. Clips come out in shard order.
+Pipeline per iteration: max(1, `prefetch_videos`) threads fetch videos (into the node-local cache
+when remote) up to `loader_threads + prefetch_videos` videos ahead; `loader_threads` threads
+decode (decord releases the GIL), each one video at a time, handing clips over through small
+queues, so at most about 3 x `loader_threads` decoded clips are in memory.
 A video that cannot be fetched or decoded (missing, corrupt, truncated, storage gave up, decoding
 hung past data.decode_timeout_s) is logged with its id and URL and skipped; more than
 `data.max_bad_videos` of them in one worker's epoch is a BadInput naming the last one. The

@@ -5,14 +5,16 @@ Credentials and endpoints come from the config when given there, else from the s
 AWS / GCP environment (s3fs / gcsfs read it themselves).
 
 Transient errors (throttling, connection resets, truncated transfers, timeouts) are retried at two
-levels: s3fs / botocore retry each request (`storage.retries`, their own backoff), and `fetch` /
-`read_bytes` retry the whole object with exponential backoff and jitter. Everything one object
+levels: botocore retries each request (`storage.retries`, standard mode backoff; s3fs adds a few
+retries of its own and resumes interrupted downloads), and `fetch` / `read_bytes` retry the whole
+object with exponential backoff and jitter. Everything one object
 takes, retries included, is bounded by `storage.timeout_s`, so nothing hangs. Missing objects and
 refused permissions are not retried.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -104,24 +106,22 @@ def _call(fs: fsspec.AbstractFileSystem, method: str, *args: Any, timeout: float
 
 
 def _retrying(url: str, storage: StorageConfig, attempt: Callable[[float], T]) -> T:
-    """Run `attempt(seconds_left)` until it succeeds, a permanent error, the retries or the deadline."""
+    """Run `attempt(seconds_left)` until it succeeds, fails for good, or retries or time run out."""
     deadline = time.monotonic() + storage.timeout_s
-    for i in range(storage.retries + 1):
-        left = deadline - time.monotonic()
+    for i in itertools.count():
         try:
-            return attempt(left)
+            return attempt(deadline - time.monotonic())
         except Exception as err:
             if not transient(err):
                 raise
             pause = min(10.0, 0.2 * 2**i) * random.uniform(0.5, 1.0)
-            left = deadline - time.monotonic()
-            if i == storage.retries or left <= pause:
-                if left <= pause:
-                    raise TimeoutError(f"{url}: not read within storage.timeout_s={storage.timeout_s:g} s ({err.__class__.__name__}: {err})") from err
+            if time.monotonic() + pause >= deadline:
+                raise TimeoutError(f"{url}: not read within storage.timeout_s={storage.timeout_s:g} s "
+                                   f"({err.__class__.__name__}: {err})") from err
+            if i == storage.retries:
                 raise
             log.warning("%s: %s: %s; retry %d/%d in %.1f s", url, err.__class__.__name__, err, i + 1, storage.retries, pause)
             time.sleep(pause)
-    raise AssertionError("unreachable")
 
 
 def object_size(url: str, storage: StorageConfig) -> int | None:
