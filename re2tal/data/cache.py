@@ -122,14 +122,15 @@ class VideoCache:
             deadline = time.monotonic() + 2 * self.storage.timeout_s + 10
             fetched = False
             while True:
-                if time.monotonic() > deadline:  # only if other processes keep evicting it at once
-                    raise TimeoutError(f"{url}: fetched but evicted again before it could be used; storage.cache_max_gb is too small")
                 _flock(fd, fcntl.LOCK_SH, deadline, url)
                 if path.exists():
                     os.utime(path)  # most recently used
                     self.stats.add(hits=0 if fetched else 1)
                     return Lease(str(path), fd)
                 fcntl.flock(fd, fcntl.LOCK_UN)
+                if fetched:  # another process evicted it at once: everything else is in use
+                    raise OSError(f"{url}: evicted right after download; storage.cache_max_gb={self.storage.cache_max_gb:g} "
+                                  "is too small for the videos in use on this node")
                 _flock(fd, fcntl.LOCK_EX, deadline, url)
                 if not path.exists():
                     self._download(url, key, path)
@@ -194,11 +195,7 @@ class VideoCache:
 
     def _remove_if_free(self, key: str, path: Path) -> bool:
         """Delete `path` if nobody holds `key`'s lock (not pinned, not being written)."""
-        lock = self.root / "locks" / f"{key}.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / "locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -61,7 +61,7 @@ class VideoSource:
             return self._cache
 
     def acquire(self, url: str) -> Lease:
-        """A lease on a local copy of `url` (release it when decord has opened the file)."""
+        """A lease on a local copy of `url`; release it when done with the file."""
         try:
             if st.is_local(url):
                 _, path = st.filesystem(url, self.storage)
