@@ -24,10 +24,10 @@ HANDLERS: dict[str, str | None] = {
     "predict": None,
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": None,
-    "data inspect": None,
+    "data inspect": "re2tal.data.video:inspect_command",
     "bench memory": None,
     "bench speed": None,
-    "bench loader": None,
+    "bench loader": "re2tal.bench.loader:main",
     "bench map": "re2tal.bench.map:main",
     "bench all": None,
 }

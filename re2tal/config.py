@@ -92,9 +92,10 @@ class DataConfig(Section):
     frame_size: PositiveInt = Field(224, description="Side of the square crop fed to the backbone (pixels).")
     short_side: PositiveInt | None = Field(None, description="Frames are resized so their short side is this before cropping. Default: frame_size.")
     batch_size: PositiveInt = Field(1, description="Clips per worker per step.")
-    loader_threads: PositiveInt = Field(2, description="Decoding threads per worker.")
-    prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of the one being decoded.")
-    max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing videos skipped (and logged) before the run fails.")
+    loader_threads: PositiveInt = Field(2, description="Decoding threads per worker (each decodes one video at a time).")
+    prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of those being decoded, per worker (also the number of fetching threads, at least 1).")
+    max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing / unreadable videos skipped (and logged with id and URL) per worker and epoch before the run fails.")
+    decode_timeout_s: PositiveFloat = Field(300.0, description="A video whose next clip takes longer than this to decode is skipped as bad.")
     synth: SynthConfig | None = Field(None, description="Generate a synthetic dataset at `annotations`' location if it does not exist.")
 
     _urls = field_validator("annotations", "video_root")(check_url)
@@ -127,10 +128,10 @@ class StorageConfig(Section):
     access_key_id: SecretStr | None = Field(None, description="S3 access key (default: environment / instance profile).")
     secret_access_key: SecretStr | None = Field(None, description="S3 secret key (default: environment / instance profile).")
     anon: bool = Field(False, description="Anonymous access (public buckets).")
-    cache_dir: str = Field(".cache/videos", description="Node-local directory of fetched videos, shared by the workers of a node.")
-    cache_max_gb: PositiveFloat = Field(20.0, description="Size limit of the video cache; least recently used files are evicted.")
-    retries: NonNegativeInt = Field(5, description="Retries with exponential backoff on transient storage errors.")
-    timeout_s: PositiveFloat = Field(120.0, description="Time limit for fetching one object.")
+    cache_dir: str = Field("~/.cache/re2tal/videos", description="Node-local directory of fetched remote videos, shared by the worker processes of a node (`~` expanded on each node; a relative path is relative to each worker's working directory). Local videos are read in place.")
+    cache_max_gb: PositiveFloat = Field(20.0, description="Size limit of the video cache (GB = 1e9 bytes); least recently used videos not in use are evicted.")
+    retries: NonNegativeInt = Field(5, description="Retries with exponential backoff on transient storage errors (throttling, connection resets, truncated transfers), per request and per object.")
+    timeout_s: PositiveFloat = Field(120.0, description="Time limit for fetching one object, retries included.")
 
     _urls = field_validator("endpoint_url")(check_url)
 
