@@ -18,10 +18,10 @@ from re2tal.errors import BadInput
 # subcommand -> "module:function" taking the parsed args and returning an exit code,
 # or None while the capability is not built yet.
 HANDLERS: dict[str, str | None] = {
-    "train": None,
-    "tune": None,
-    "eval": None,
-    "predict": None,
+    "train": "re2tal.training.cli:train_command",
+    "tune": "re2tal.training.cli:tune_command",
+    "eval": "re2tal.training.cli:eval_command",
+    "predict": "re2tal.training.cli:predict_command",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": None,
     "data inspect": "re2tal.data.video:inspect_command",

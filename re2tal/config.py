@@ -357,8 +357,21 @@ class TrainConfig(Section):
     seed: int = Field(0, description="Seed of model init, sampling and augmentation.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept in storage_path.")
+    checkpoint_every_steps: PositiveInt | None = Field(None, description="Also checkpoint every k optimizer steps inside an epoch (long epochs). Default: at epoch ends only.")
+    tiou_thresholds: str = Field("0.5:0.95:0.05", description="tIoU thresholds of evaluation: start:stop:step or a comma list (ActivityNet 0.5:0.95:0.05, THUMOS 0.3:0.7:0.1).")
 
     _urls = field_validator("storage_path")(check_url)
+
+    @field_validator("tiou_thresholds")
+    @classmethod
+    def _thresholds(cls, v: str) -> str:
+        from re2tal.evaluation.metrics import parse_thresholds
+
+        try:
+            parse_thresholds(v)
+        except BadInput as err:
+            raise ValueError(str(err).removeprefix("--tiou: ")) from None
+        return v
 
     @field_validator("name")
     @classmethod

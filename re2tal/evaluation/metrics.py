@@ -283,3 +283,27 @@ def _codes(gt: GroundTruth, preds: Predictions) -> tuple[np.ndarray, np.ndarray,
     video = video_map[preds.video] if preds.video.size else preds.video
     label = label_map[preds.label] if preds.label.size else preds.label
     return video, label, label >= 0
+
+
+def pr_curves(ground_truth: dict, predictions: dict, subset: str | None = "validation",
+              thresholds: np.ndarray = np.array([0.5, 0.75, 0.95])) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Precision-recall curves of all predictions pooled over classes, one per tIoU threshold:
+    predictions matched as the protocol does (per class), then ranked by score together;
+    precision_k = TP_k / k, recall_k = TP_k / ground-truth segments. {"0.50": (recall, precision)}."""
+    gt, preds = parse_ground_truth(ground_truth, subset), parse_predictions(predictions)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    video, label, known = _codes(gt, preds)
+    video, label = video[known], label[known]
+    segment, score = preds.segment[known], preds.score[known]
+    tp_t, tp_index = _greedy_match(gt.video, gt.label, gt.segment, len(gt.labels), video, label, segment,
+                                   _protocol_order(label, score), thresholds)
+    ranked = np.argsort(-score, kind="stable")
+    rank = np.empty_like(ranked)
+    rank[ranked] = np.arange(ranked.size)
+    curves = {}
+    for t, key in enumerate(threshold_key(x) for x in thresholds):
+        hit = np.zeros(score.size)
+        hit[rank[tp_index[tp_t == t]]] = 1.0
+        tp = np.cumsum(hit)
+        curves[key] = (tp / max(gt.label.size, 1), tp / np.arange(1, score.size + 1))
+    return curves

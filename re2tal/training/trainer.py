@@ -92,35 +92,55 @@ class Progress:
         self.bar.close()
 
 
-def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None,
-        on_result: Callable[[dict], None] | None = None) -> dict:
-    """Train; returns the final metrics of rank 0. Raises BadInput for bad inputs (before any
-    worker starts) and TrainingStopped when the run cannot finish."""
+def prepare(cfg: Config):
+    """Checks that need the data, made before any worker starts: generates the synthetic set if
+    configured and absent, reads the annotations, checks subsets and the class count."""
+    from re2tal.data.annotations import load_annotations
+    from re2tal.data.synth import ensure_synthetic
+
+    if cfg.data.synth is not None:
+        ensure_synthetic(cfg.data, cfg.storage)
+    annotations = load_annotations(cfg.data, cfg.storage)
+    for key in ("train_subset", "val_subset"):
+        if not annotations.subset(getattr(cfg.data, key)):
+            raise BadInput(f"data.{key}: no video of subset {getattr(cfg.data, key)!r} in {cfg.data.annotations}")
+    if cfg.head.num_classes not in (1, len(annotations.labels)):
+        raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} "
+                       "action labels (use their number, or 1 for a class-agnostic head)")
+    return annotations
+
+
+def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extra_tags: dict | None = None,
+        show_progress: bool = True) -> dict:
+    """Train; returns the final metrics of rank 0 (plus `checkpoint`, `mlflow_run_id`). Raises
+    BadInput for bad inputs (before any worker starts) and TrainingStopped when the run cannot
+    finish."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from re2tal import tracking
-    from re2tal.data import prepare_dataset
     from re2tal.training.loop import train_loop_per_worker
 
-    annotations = prepare_dataset(cfg)  # synthetic set generated if configured; BadInput early
+    annotations = prepare(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
     if not local:
         init_ray()
-    import ray.util.queue
-
-    progress_q = ray.util.queue.Queue() if not local else queue.Queue()
     uri = run_id = None
     if cfg.tracking.enabled:
-        uri, run_id, resumed = tracking.open_run(cfg)
-    steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
-    progress = Progress(progress_q, steps_total)
+        uri, run_id, _ = tracking.open_run(cfg, extra_tags)
+    progress = None
+    if show_progress:
+        import ray.util.queue
+
+        steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
+        progress = Progress(queue.Queue() if local else ray.util.queue.Queue(), steps_total)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id), "progress": progress_q},
+        train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id),
+                           "progress": progress.q if progress else None, "local": local},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.name,
@@ -136,6 +156,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None,
         result = trainer.fit()
         metrics = dict(result.metrics or {})
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+        metrics["mlflow_run_id"] = run_id
         if metrics.get("stopped"):
             raise TrainingStopped(metrics["stopped"])
         status = "FINISHED"
@@ -143,7 +164,8 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None,
     except ray.train.TrainingFailedError as err:
         raise TrainingStopped(f"training failed after {cfg.train.max_failures} restart(s): {_first_line(err)}") from err
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         if run_id is not None:
             tracking.close_run(uri, run_id, status)
 

@@ -1,0 +1,154 @@
+"""`re2tal train | tune | eval | predict`: argument handling and what is printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from re2tal.config import Config
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from re2tal.training.trainer import TrainingStopped, fit
+
+    cfg: Config = args.cfg
+    try:
+        metrics = fit(cfg, local=args.local)
+    except TrainingStopped as err:
+        print(f"re2tal train: {err}", file=sys.stderr)
+        return 1
+    print_summary(cfg, metrics)
+    return 0
+
+
+def print_summary(cfg: Config, metrics: dict[str, Any]) -> None:
+    """The final table: mAP per threshold, against random predictions, memory and throughput, and
+    where the checkpoint and the MLflow run are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"re2tal run {cfg.train.name}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(k for k in metrics if k.startswith("mAP_")):
+        table.add_row(f"mAP@{key.removeprefix('mAP_')}", f"{metrics[key]:.4f}")
+    rows = [("average mAP", "average_mAP", "{:.4f}"), ("average mAP of random predictions", "random_average_mAP", "{:.4f}"),
+            ("peak memory per worker (GB)", "peak_memory_gb", "{:.2f}"), ("clips / s", "clips_per_s", "{:.2f}"),
+            ("videos / s", "videos_per_s", "{:.2f}"), ("data-wait fraction", "data_wait_fraction", "{:.3f}"),
+            ("optimizer steps", "step", "{}"), ("epochs", "epoch", "{}")]
+    for label, key, fmt in rows:
+        if metrics.get(key) is not None:
+            table.add_row(label, fmt.format(metrics[key]))
+    console = Console()
+    console.print(table)
+    if metrics.get("checkpoint"):
+        console.print(f"checkpoint: {metrics['checkpoint']}")
+    if metrics.get("mlflow_run_id"):
+        from re2tal.tracking import resolve_uri
+
+        uri = resolve_uri(cfg.tracking.tracking_uri)
+        console.print(f"MLflow run {metrics['mlflow_run_id']} (experiment {cfg.tracking.experiment!r}) in {uri}")
+        if uri.startswith("sqlite:"):
+            console.print(f"  browse: mlflow ui --backend-store-uri {uri}")
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from re2tal.tuning import sweep
+
+    cfg: Config = args.cfg
+    rows = sweep(cfg)
+    table = Table(title=f"sweep {cfg.tune.name}: {cfg.tune.metric} ({cfg.tune.mode})")
+    for column in rows[0] if rows else ():
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)
+    return 0 if any(r["error"] is None for r in rows) else 1
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Predict the validation subset with a checkpoint (one process) and score it."""
+    import torch
+
+    from re2tal.data.dataset import VideoDataset, batches
+    from re2tal.evaluation import evaluate, parse_thresholds
+    from re2tal.tracking import write_json
+    from re2tal.training.inference import ground_truth, label_names, load_weights, local_checkpoint, predict
+    from re2tal.training.model import build_model
+    from re2tal.training.trainer import prepare
+
+    cfg: Config = args.cfg
+    annotations = prepare(cfg)
+    model = build_model(cfg)
+    with local_checkpoint(args.checkpoint, cfg) as path:
+        weights = load_weights(model, path)
+    class_scores = _class_scores(cfg)
+    ds = VideoDataset(cfg, cfg.data.val_subset, training=False, annotations=annotations)
+    submission = predict(model, batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"),
+                         label_names(cfg, annotations, class_scores), class_scores)
+    truth = ground_truth(cfg, annotations, cfg.data.val_subset, class_scores)
+    result = evaluate(truth, submission, cfg.data.val_subset, parse_thresholds(cfg.train.tiou_thresholds))
+    result["weights"] = weights
+    if args.predictions:
+        write_json(submission, args.predictions)
+    if args.json:
+        write_json(result, args.json)
+    print(f"{len(submission['results'])} videos of subset {cfg.data.val_subset!r}, {weights} weights")
+    for t, v in result["mAP"].items():
+        print(f"mAP@{t}  {v:.4f}")
+    print(f"average mAP  {result['average_mAP']:.4f}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """One video -> its segments (seconds) as JSON."""
+    import torch
+
+    from re2tal.data.annotations import Video, load_annotations
+    from re2tal.data.dataset import batches, make_clip, plan_windows
+    from re2tal.data.video import VideoError, VideoFile, VideoSource
+    from re2tal.errors import BadInput
+    from re2tal.tracking import write_json
+    from re2tal.training.inference import label_names, load_weights, local_checkpoint, predict
+    from re2tal.training.model import build_model
+
+    import numpy as np
+
+    cfg: Config = args.cfg
+    annotations = load_annotations(cfg.data, cfg.storage)  # the label map
+    model = build_model(cfg)
+    with local_checkpoint(args.checkpoint, cfg) as path:
+        load_weights(model, path)
+    name = args.url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        with VideoSource(cfg.storage).acquire(args.url) as lease:
+            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
+            video = Video(id=name, url=args.url, duration=file.info.duration, subset="", index=0,
+                          segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
+            clips = [make_clip(video, file, w, cfg.data.num_frames, None)
+                     for w in plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))]
+    except VideoError as err:
+        raise BadInput(f"{args.url}: cannot read video ({err})") from None
+    class_scores = _class_scores(cfg)
+    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, torch.device("cpu"),
+                         label_names(cfg, annotations, class_scores), class_scores)
+    out = {"video": args.url, "duration": video.duration, "segments": submission["results"].get(name, [])}
+    if args.json:
+        write_json(out, args.json)
+    else:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def _class_scores(cfg: Config):
+    if cfg.head.nms.external_scores is None:
+        return None
+    from re2tal.detection import load_class_scores
+
+    return load_class_scores(cfg.head.nms.external_scores, cfg.storage)
