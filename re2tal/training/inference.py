@@ -28,15 +28,15 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
     clips, videos, windows, durations = [], [], [], []
     training = module.training
     module.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
-    with torch.no_grad(), autocast:
+    dtype = next(module.parameters()).dtype  # the engine's training precision, or fp32
+    with torch.no_grad():
         for batch in batches:
             if batch is None:
-                zeros = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size, device=device)
+                zeros = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size, device=device, dtype=dtype)
                 module(zeros, torch.ones(1, device=device))
                 continue
             frames = augment_clips(batch["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
-                                   cfg.backbone.pixel_std, torch.Generator(), training=False)
+                                   cfg.backbone.pixel_std, torch.Generator(), training=False).to(dtype)
             out = module(frames, batch["valid"].to(device, torch.float32) / frames.shape[2])
             clips += postprocess(out, cfg.head.nms)
             videos += batch["video_id"]

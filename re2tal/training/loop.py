@@ -91,7 +91,9 @@ class _Loop:
         self.cfg, self.worker, self.engine, self.criterion = cfg, worker, engine, criterion
         self.ema, self.generator, self.annotations = ema, generator, annotations
         self.tracker, self.progress, self.local = tracker, progress, local
-        self.autocast = torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
+        # The engine holds the model in the training precision (DeepSpeed bf16 / fp16 keep fp32
+        # master weights in the optimizer); inputs are cast to it, no autocast.
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
         from re2tal.data.video import VideoSource
 
         self.source = VideoSource(cfg.storage)
@@ -138,12 +140,11 @@ class _Loop:
         for batch, position in self.batches(state.epoch, state.position, self.micro_per_epoch - state.micro):
             waited += time.perf_counter() - tick
             frames = augment_clips(batch["frames"].to(worker.device), cfg.augment, cfg.data.frame_size,
-                                   cfg.backbone.pixel_mean, cfg.backbone.pixel_std, self.generator, training=True)
+                                   cfg.backbone.pixel_mean, cfg.backbone.pixel_std, self.generator, training=True).to(self.dtype)
             valid = batch["valid"].to(worker.device, torch.float32) / frames.shape[2]
             targets = [targets_in_window(s.numpy(), self.class_ids(l).numpy(), w, cfg.head.seq_len)
                        for s, l, w in zip(batch["segments"], batch["labels"], batch["window"])]
-            with self.autocast:
-                out = engine(frames, valid)
+            out = engine(frames, valid)
             losses = self.criterion(out, [t[0].to(worker.device) for t in targets], [t[1].to(worker.device) for t in targets])
             if not self.all_finite(losses["loss"]):
                 self.stop(state, f"non-finite loss ({losses['loss'].item()}) at epoch {state.epoch + 1}, step {state.step + 1}")
@@ -415,7 +416,13 @@ def _latest_local_checkpoint(cfg: Config):
 
 def _quiet_libraries() -> None:
     """DeepSpeed and Ray Train log every step and report at INFO; keep warnings."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.tune"):
+    import warnings
+
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    # Ray Train's per-report line comes from a logger named by its file path.
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.tune", ray_train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed calls a deprecated torch.distributed alias on every ZeRO step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 

@@ -37,20 +37,22 @@ def storage_for_ray(storage_path: str, storage: StorageConfig) -> tuple[str, Any
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray() -> None:
     """Connect to the cluster this job runs on (RAY_ADDRESS, set by `ray job submit`), else start
     a local Ray for the debug mode."""
     import ray
 
-    if ray.is_initialized():
-        return
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
-    env = {"TORCH_EXTENSIONS_DIR": cache, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
-    runtime_env = {"env_vars": {k: v for k, v in env.items() if v}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def worker_env(cfg: Config) -> dict:
+    """Environment of the training workers (merged into the job's runtime environment)."""
+    return {"env_vars": {
+        # DeepSpeed JIT-builds ops once per cache directory: share the launcher's.
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve())),
+        "DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu",
+    }}
 
 
 class Progress:
@@ -66,13 +68,13 @@ class Progress:
         self.thread.start()
 
     def _run(self) -> None:
+        from ray.util.queue import Empty as RayQueueEmpty
+
         while True:
             try:
                 rec = self.q.get(timeout=0.5)
-            except (queue.Empty, Exception) as err:  # ray.util.queue raises its own Empty
-                if type(err).__name__ == "Empty":
-                    continue
-                raise
+            except (queue.Empty, RayQueueEmpty):
+                continue
             if rec == STOP:
                 return
             kind = rec.pop("kind")
@@ -149,6 +151,8 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report
+            worker_runtime_env=worker_env(cfg),
         ),
     )
     status = "FAILED"
