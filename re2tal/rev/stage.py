@@ -37,6 +37,11 @@ class RevStage(nn.Module):
     reconstruction drift. `vanilla = True` runs the same rewired computation under plain autograd
     (reference for tests; keeps every activation).
 
+    Randomness: in training mode every forward draws one base seed from the global CPU generator
+    and runs F_i on generators seeded with base + i (then restores the global ones), in all
+    paths, so dropout / drop-path masks are the same in the forward, the recomputation and the
+    vanilla path, and other code's random stream only ever moves by that one draw.
+
     Limitations: parameter gradients are accumulated into `.grad` by a nested
     `torch.autograd.backward` (like reentrant checkpointing), so use `loss.backward()`;
     `torch.autograd.grad(loss, params)` does not see them. Under DDP keep
@@ -75,17 +80,17 @@ class RevStage(nn.Module):
         """(a_n + b_n) / 2 after n steps from a_0 = b_0 = x; same shape and dtype as x."""
         fns = self.residual_fns()
         spec = _Precision.of(x, self.fp32_streams)
+        seed = _draw_seed() if self.training else None
         if self.vanilla:
-            a, b = _streams(fns, x, spec)
-            return spec.output(a, b)
+            return spec.output(*_streams(fns, x, spec, seed))
         params_need_grad = any(p.requires_grad for p in self.parameters())
         if not torch.is_grad_enabled() or not (x.requires_grad or params_need_grad):
             with torch.no_grad():
-                return spec.output(*_streams(fns, x, spec))
+                return spec.output(*_streams(fns, x, spec, seed))
         # Function.apply only builds a graph node when an input requires grad; a stage whose
         # input is constant (frozen stem) but whose parameters train needs one anyway.
         anchor = x.new_empty(0, requires_grad=True) if not x.requires_grad else None
-        return _RevFunction.apply(x, anchor, self, fns, spec, self.training)
+        return _RevFunction.apply(x, anchor, self, fns, spec, seed)
 
 
 class _Precision:
@@ -121,61 +126,64 @@ class _Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast)
 
 
-def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision,
-             rng_states: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b)); appends the RNG state before
-    each F_i to rng_states when given."""
+def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
+    """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b))."""
     a = b = x.to(spec.stream)
-    for fn in fns:
-        if rng_states is not None:
-            rng_states.extend(_rng_get(x.device))
-        a, b = b, a + fn(spec.fn_input(b)).to(spec.stream)
+    with _rng_substreams(spec.device, seed) as select:
+        for i, fn in enumerate(fns):
+            select(i)
+            a, b = b, a + fn(spec.fn_input(b)).to(spec.stream)
     return a, b
 
 
-def _rng_get(device: torch.device) -> list[Tensor]:
-    """Generator states F_i may draw from: CPU, plus the CUDA device's when x is there."""
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
+def _draw_seed() -> int:
+    """One draw from the global CPU generator: the base seed of a training forward's F_i."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def _rng_set(device: torch.device, states: Sequence[Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
+@contextmanager
+def _rng_substreams(device: torch.device, seed: int | None) -> Iterator[Callable[[int], None]]:
+    """`select(i)` seeds the CPU generator (and x's CUDA one) with seed + i, so F_i draws the same
+    dropout / drop-path masks in the forward and in the recomputation. The global generators are
+    restored on exit: other code's randomness is untouched, and one base seed per stage replaces
+    a 5 KB generator state per F_i. seed None (eval mode): nothing is seeded."""
+    if seed is None:
+        yield lambda i: None
+        return
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        def select(i: int) -> None:
+            torch.default_generator.manual_seed(seed + i)
+            if cuda:
+                torch.cuda.default_generators[device.index].manual_seed(seed + i)
+
+        yield select
 
 
 class _RevFunction(torch.autograd.Function):
-    """Keeps only (a_n, b_n) (+ the RNG states of a training stage); backward walks the steps in
-    reverse, reconstructing each F_i's input and back-propagating through F_i once."""
+    """Keeps only (a_n, b_n); backward walks the steps in reverse, reconstructing each F_i's
+    input and back-propagating through F_i once."""
 
     @staticmethod
     def forward(ctx, x: Tensor, anchor: Tensor | None, stage: RevStage, fns: list[ResidualFn],
-                spec: _Precision, stash_rng: bool) -> Tensor:
-        rng_states: list[Tensor] | None = [] if stash_rng else None
-        a, b = _streams(fns, x, spec, rng_states)
-        # Everything kept goes through save_for_backward so saved-tensor hooks (offloading, the
+                spec: _Precision, seed: int | None) -> Tensor:
+        a, b = _streams(fns, x, spec, seed)
+        # Every tensor kept goes through save_for_backward so saved-tensor hooks (offloading, the
         # memory benchmark) see it; ctx attributes hold only non-tensor metadata.
-        ctx.save_for_backward(a, b, *(rng_states or ()))
-        ctx.stage, ctx.fns, ctx.spec = stage, fns, spec
+        ctx.save_for_backward(a, b)
+        ctx.stage, ctx.fns, ctx.spec, ctx.seed = stage, fns, spec, seed
         return spec.output(a, b)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         """With (ga, gb) = dL/d(a_i, b_i) and z = a_i = b_{i-1}, f = F_i(z):
         a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0."""
-        a, b, *rng_states = ctx.saved_tensors
+        a, b = ctx.saved_tensors
         fns, spec = ctx.fns, ctx.spec
-        per_fn = len(rng_states) // len(fns)
         ga = gb = dy.to(spec.stream) * 0.5
-        cuda = [spec.device] if spec.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, enabled=bool(rng_states), device_type="cuda"), \
-                _running_stats_kept(ctx.stage), spec.autocast_ctx():
+        with _rng_substreams(spec.device, ctx.seed) as select, _running_stats_kept(ctx.stage), spec.autocast_ctx():
             for i in reversed(range(len(fns))):
-                if rng_states:
-                    _rng_set(spec.device, rng_states[i * per_fn:(i + 1) * per_fn])
+                select(i)
                 z = a.detach().requires_grad_()
                 with torch.enable_grad():
                     f = fns[i](spec.fn_input(z))
@@ -189,7 +197,7 @@ class _RevFunction(torch.autograd.Function):
                     torch.autograd.backward(f, gb.to(f.dtype))
                 dz = z.grad
                 del f, z
-                ga, gb = gb, ga if dz is None else ga + dz
+                ga, gb = gb, ga if dz is None else dz.add_(ga)  # dz is ours: add in place
         dx = (ga + gb).to(spec.out) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None, None
 
