@@ -9,7 +9,7 @@ import torch
 from torchvision.models.video import swin3d_t
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
-from re2tal.backbones import PATTERNS, TemporalPatchShift, bench_config, build_backbone
+from re2tal.backbones import PATTERNS, TemporalPatchShift, build_backbone
 from re2tal.backbones.build import CheckpointedSequential
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import SwinBlock, WindowAttention3d
@@ -313,7 +313,7 @@ def test_reversible_keeps_no_block_activations():
 
 
 # --------------------------------------------------------------------------------------------
-# shapes, long clips, frozen stages, bench configs
+# long clips, frozen stages, block interface
 
 
 def test_long_clip_same_path_and_fixed_mask_memory():
@@ -350,14 +350,3 @@ def test_blocks_expose_residual_functions():
     f1, f2 = block.residual_fns()
     h = x + f1(x)
     assert torch.equal(block(x), h + f2(h))
-
-
-def test_bench_config_modes():
-    assert bench_config("swin_t", "standard").reversible is False
-    assert bench_config("swin_t", "reversible").reversible is True
-    c = bench_config("pst_t", "checkpoint", **SMALL)
-    assert c.activation_checkpointing and not c.reversible and c.drop_path == 0.0 and c.embed_dim == 24
-    with pytest.raises(BadInput, match="mode"):
-        bench_config("swin_t", "fast")
-    with pytest.raises(BadInput, match="name"):
-        bench_config("resnet", "standard")

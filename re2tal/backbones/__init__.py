@@ -6,7 +6,6 @@ from re2tal.backbones.build import (
     apply_frozen_stages,
     apply_norm_eval,
     apply_reversible,
-    bench_config,
     build_backbone,
     load_pretrained,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "apply_frozen_stages",
     "apply_norm_eval",
     "apply_reversible",
-    "bench_config",
     "build_backbone",
     "load_pretrained",
 ]

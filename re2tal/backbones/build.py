@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-from typing import Literal
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -20,15 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import SwinTransformer3d
-from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig, format_error
+from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig
 from re2tal.data.storage import filesystem
 from re2tal.errors import BadInput
 from re2tal.rev import RevStage
 
 # torchvision swin3d_t's classifier: dropped by name, every other key must match.
 CLASSIFIER_KEYS = ("head.weight", "head.bias")
-
-BenchMode = Literal["standard", "checkpoint", "reversible"]
 
 
 def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) -> nn.Module:
@@ -162,20 +158,3 @@ def apply_norm_eval(model: SwinTransformer3d) -> None:
     config key means the same across backbone families."""
     model.eval_modules += [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     model.train(model.training)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-
-
-def bench_config(name: str, mode: BenchMode, **sizes) -> BackboneConfig:
-    """The BackboneConfig `re2tal bench memory|speed --backbone NAME` builds in each mode:
-    random weights, no drop path (deterministic recomputation and timing). `sizes`: embed_dim,
-    depths, num_heads, window_size, patch_size overrides (e.g. the reduced debug Swin)."""
-    if mode not in ("standard", "checkpoint", "reversible"):
-        raise BadInput(f"bench mode {mode!r}: one of standard, checkpoint, reversible")
-    try:
-        return BackboneConfig(name=name, reversible=mode == "reversible", activation_checkpointing=mode == "checkpoint",
-                              drop_path=0.0, **sizes)
-    except ValidationError as err:
-        raise BadInput(f"--backbone {name}: {format_error(err)}") from None

@@ -109,7 +109,7 @@ class WindowAttention3d(nn.Module):
         x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
         if any(shift):
             x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        grid = tuple((s + p) // win for s, p, win in zip((t, h, w), pad, window))
+        grid = tuple((size + p) // win for size, p, win in zip((t, h, w), pad, window))
         n, heads = math.prod(window), self.num_heads
         x = x.view(b, grid[0], window[0], grid[1], window[1], grid[2], window[2], c)
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, *grid, n, c)  # B, gT, gH, gW, N, C
@@ -117,7 +117,8 @@ class WindowAttention3d(nn.Module):
         q, k, v = qkv.unbind(0)  # each B, gT, gH, gW, nH, N, d
         out = self._attend(q, k, v, self.relative_position_bias(n), window, shift, grid)
         out = self.proj(out.transpose(-3, -2).reshape(b, *grid, n, c))
-        out = out.view(b, *grid, *window, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *(g * w for g, w in zip(grid, window)), c)
+        padded = tuple(g * win for g, win in zip(grid, window))
+        out = out.view(b, *grid, *window, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *padded, c)
         if any(shift):
             out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
         out = out[:, :t, :h, :w]
