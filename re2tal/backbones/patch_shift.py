@@ -8,6 +8,17 @@ extra parameters or FLOPs.
 
 Offset convention: o is the `shifts` argument of `torch.roll` along time in the TPS reference
 code, i.e. y[t] = x[t - o]. The tiles are those of the paper's supplement (Fig. 1).
+
+Here TPS sits inside Video Swin's 3-D window attention (so swin3d_t weights load unchanged);
+the PST reference code runs 2-D windows per frame. Consequences, by choice:
+  - the tile is anchored at the feature map's origin, not restarted in each window (with 7x7
+    windows every window still holds every offset of a 3x3 or 4x4 tile);
+  - the relative position bias indexes where a patch sits after the shift, not the frame it
+    came from (the reference re-indexes a 2-D-window bias table we do not have);
+  - blocks that do not patch-shift do plain attention (the reference adds a channel shift, TSM,
+    in those blocks).
+Boundary default is cyclic, as the reference; `zero` is offered for long untrimmed clips,
+where the first and last frames are unrelated.
 """
 
 from __future__ import annotations
