@@ -52,9 +52,9 @@ class OneBranchBlock(TwoBranchBlock):
         return x + self.mlp(x)
 
 
-def make_stage(functions: int, **kwargs) -> RevStage:
+def make_stage(functions: int, width: int = WIDTH, **kwargs) -> RevStage:
     """A stage of `functions` residual functions (two per block, one block of one if odd)."""
-    blocks = [TwoBranchBlock() for _ in range(functions // 2)] + [OneBranchBlock() for _ in range(functions % 2)]
+    blocks = [TwoBranchBlock(width) for _ in range(functions // 2)] + [OneBranchBlock(width) for _ in range(functions % 2)]
     return RevStage(blocks, **kwargs)
 
 
@@ -103,8 +103,8 @@ def test_inputs_reconstructed_in_backward_equal_forward_inputs(functions):
 
 def test_gradients_match_finite_differences_in_float64():
     torch.manual_seed(0)
-    stage = make_stage(3).double().eval()
-    x = torch.randn(2, 3, WIDTH, dtype=torch.float64, requires_grad=True)
+    stage = make_stage(3, width=4).double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(stage, (x,))
 
 
