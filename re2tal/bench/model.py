@@ -66,7 +66,7 @@ def run_bench(args: argparse.Namespace, kind: str) -> int:
     """Validate the arguments, run the modes in fresh processes, write the JSON."""
     spec = bench_spec(args, kind)
     if kind == "memory":  # one process per mode: max RSS only grows
-        results = {mode: _run_child({**spec, "modes": [mode]}) for mode in spec["modes"]}
+        results = {mode: _run_child({**spec, "modes": [mode]})[mode] for mode in spec["modes"]}
     else:  # one process, modes interleaved: load changes on a shared machine hit all alike
         results = _run_child(spec)
     devices = {r.pop("device") for r in results.values()}
