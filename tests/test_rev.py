@@ -52,9 +52,9 @@ class OneBranchBlock(TwoBranchBlock):
         return x + self.mlp(x)
 
 
-def make_stage(functions: int, **kwargs) -> RevStage:
+def make_stage(functions: int, width: int = WIDTH, **kwargs) -> RevStage:
     """A stage of `functions` residual functions (two per block, one block of one if odd)."""
-    blocks = [TwoBranchBlock() for _ in range(functions // 2)] + [OneBranchBlock() for _ in range(functions % 2)]
+    blocks = [TwoBranchBlock(width) for _ in range(functions // 2)] + [OneBranchBlock(width) for _ in range(functions % 2)]
     return RevStage(blocks, **kwargs)
 
 
@@ -103,8 +103,8 @@ def test_inputs_reconstructed_in_backward_equal_forward_inputs(functions):
 
 def test_gradients_match_finite_differences_in_float64():
     torch.manual_seed(0)
-    stage = make_stage(3).double().eval()
-    x = torch.randn(2, 3, WIDTH, dtype=torch.float64, requires_grad=True)
+    stage = make_stage(3, width=4).double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(stage, (x,))
 
 
@@ -304,6 +304,14 @@ def test_reversible_keeps_only_the_two_final_streams_at_any_depth_while_standard
         assert activation_bytes(build_synthetic_stage("reversible_lowp", 12, WIDTH).train(), x) == stream
 
 
+def test_next_layer_keeping_the_stage_output_shares_it():
+    x = torch.randn(1, 4, 7, 7, WIDTH, requires_grad=True)
+    stream = x.numel() * 4
+    stage = build_synthetic_stage("reversible", 6, WIDTH).train()
+    norm_stats = 2 * 4 * 7 * 7 * 4  # LayerNorm's mean and rstd per token
+    assert activation_bytes(nn.Sequential(stage, nn.LayerNorm(WIDTH)), x) == 2 * stream + norm_stats
+
+
 def test_activation_counter_sees_tensors_kept_as_ctx_attributes():
     class KeepsAttribute(torch.autograd.Function):
         @staticmethod
@@ -322,3 +330,42 @@ def test_activation_counter_sees_tensors_kept_as_ctx_attributes():
     assert counter.total_bytes == 4000  # sin keeps its input
     counter.add_graph([y])
     assert counter.total_bytes == 8000 and counter.graph_only_bytes == 4000
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark command
+
+
+def bench_cli(tmp_path, *args):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "re2tal.cli", "bench", *args, "--json", str(out)],
+                          capture_output=True, text=True)
+    return proc, out
+
+
+def test_bench_memory_writes_json_with_every_mode_and_reversible_keeps_least(tmp_path):
+    import json
+
+    proc, out = bench_cli(tmp_path, "memory", "--stage-blocks", "4", "--width", "16", "--frames", "8", "--size", "32")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["config"]["input_shape"] == [1, 4, 8, 8, 16]
+    modes = report["modes"]
+    assert list(modes) == ["standard", "checkpoint", "reversible"]
+    for r in modes.values():
+        assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0 and r["step_seconds"] > 0
+    stream = 4 * 8 * 8 * 16 * 4
+    assert modes["reversible"]["activation_bytes"] == 2 * stream
+    assert modes["checkpoint"]["activation_bytes"] == 4 * stream  # each block's input
+    assert modes["standard"]["activation_bytes"] > 10 * 4 * stream
+    assert modes["reversible"]["reconstruction_error"] <= 1e-5 and modes["reversible"]["grad_error"] <= 1e-5
+
+
+def test_bench_rejects_unknown_mode_and_backbone_with_exit_2(tmp_path):
+    proc, out = bench_cli(tmp_path, "speed", "--modes", "standard,fast")
+    assert proc.returncode == 2 and "--modes: unknown mode 'fast'" in proc.stderr and not out.exists()
+    proc, _ = bench_cli(tmp_path, "memory", "--backbone", "resnet9")
+    assert proc.returncode == 2 and "--backbone" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -7,19 +7,25 @@ like Swin stage-1 tokens of a T x S x S clip, requiring grad as inside a network
 reversible = its Re² version; input (1, 3, T, S, S)). Modes: standard, checkpoint, reversible, and
 reversible_lowp (reversible with the streams in the compute precision instead of fp32).
 
-Each mode runs in a fresh process, because max RSS only grows. In training mode, per mode:
+All in training mode. `bench memory` runs each mode in a fresh process (max RSS only grows) and
+reports per mode:
 - activation_bytes: bytes kept for backward after one forward: the union of unique storages
   packed by `torch.autograd.graph.saved_tensors_hooks` and of tensors reachable from the output's
-  autograd graph outside saved tensors (custom Function ctx attributes); parameters and buffers
-  are not counted, the input is when a mode keeps it.
-- baseline_rss_bytes (after imports, model and input), peak_rss_bytes (max RSS over the run);
-  on CUDA also baseline/peak_cuda_allocated_bytes (`torch.cuda.max_memory_allocated`).
+  autograd graph outside saved tensors (custom Function ctx attributes:
+  activation_bytes_outside_saved_tensors); parameters and buffers are not counted, the input is
+  when a mode keeps it.
+- baseline_rss_bytes (after imports, model and input) and peak_rss_bytes (max RSS of the process,
+  glibc malloc unless config.malloc_env says otherwise); on CUDA also baseline/peak
+  cuda_allocated_bytes (`torch.cuda.max_memory_allocated`).
 - step_seconds: median of `repeats` forward+backward steps after `warmup` ones (CPU threads:
   --threads); step_seconds_all: each of them.
-- memory, reversible modes: reconstruction_error, the largest max|x_rec - x| / max|x| over the
-  inputs of every F_i reconstructed in backward vs those seen in forward, and grad_error, the
-  largest max|g_rev - g_vanilla| / max|g_vanilla| over the input's and parameters' gradients vs the
+- reversible modes: reconstruction_error, the largest max|x_rec - x| / max|x| over the inputs of
+  every F_i reconstructed in backward vs those seen in forward, and grad_error, the largest
+  max|g_rev - g_vanilla| / max|g_vanilla| over the input's and parameters' gradients vs the
   vanilla (plain autograd) run of the same rewired model, same seed and precision.
+`bench speed` builds every mode in one fresh process and alternates their steps round-robin (so
+load from other processes hits all modes alike): step_seconds (median), step_seconds_all and
+step_relative_to_standard.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from re2tal.rev import RevStage
 
 MODES = ("standard", "checkpoint", "reversible", "reversible_lowp")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-STEPS = {"memory": (1, 3), "speed": (2, 7)}  # kind -> (warmup, repeats)
+STEPS = {"memory": (1, 3), "speed": (2, 9)}  # kind -> (warmup, repeats)
 DROP_PATH = 0.1
 
 
@@ -57,14 +63,15 @@ def speed_main(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace, kind: str) -> int:
-    """Validate the arguments, run every mode in its own process, write the JSON."""
+    """Validate the arguments, run the modes in fresh processes, write the JSON."""
     spec = bench_spec(args, kind)
-    modes = spec.pop("modes")
-    results = {mode: _run_child({**spec, "mode": mode}) for mode in modes}
-    device = next(iter(results.values())).pop("device")
-    for r in results.values():
-        r.pop("device", None)
-    report = {"device": device, "config": spec, "modes": results}
+    if kind == "memory":  # one process per mode: max RSS only grows
+        results = {mode: _run_child({**spec, "modes": [mode]})[mode] for mode in spec["modes"]}
+    else:  # one process, modes interleaved: load changes on a shared machine hit all alike
+        results = _run_child(spec)
+    devices = {r.pop("device") for r in results.values()}
+    config = {k: v for k, v in spec.items() if k != "modes"}
+    report = {"device": devices.pop(), "config": config, "modes": results}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -94,7 +101,9 @@ def bench_spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     warmup, repeats = STEPS[kind]
     spec: dict[str, Any] = {"kind": kind, "modes": modes, "backbone": args.backbone, "frames": args.frames,
                             "size": args.size, "device": device, "precision": precision, "threads": args.threads,
-                            "warmup": warmup, "repeats": repeats, "seed": 0, "torch": torch.__version__}
+                            "warmup": warmup, "repeats": repeats, "seed": 0, "torch": torch.__version__,
+                            # the allocator decides how much freed memory RSS still counts
+                            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     if args.backbone is None:
         if args.stage_blocks < 1 or args.width < 1:
             raise BadInput("--stage-blocks / --width: must be positive")
@@ -103,9 +112,7 @@ def bench_spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         spec.update(stage_blocks=args.stage_blocks, width=args.width, drop_path=DROP_PATH,
                     input_shape=[1, args.frames // 2, args.size // 4, args.size // 4, args.width])
     else:
-        cfg = _backbone_config(args.backbone, "standard")
-        if args.frames % cfg.temporal_stride or args.size % cfg.spatial_stride:
-            raise BadInput(f"--frames/--size: {args.backbone} needs frames divisible by {cfg.temporal_stride} and size by {cfg.spatial_stride}")
+        cfg = _backbone_config(args.backbone, "standard")  # the backbone pads odd sizes itself
         spec.update(input_shape=[1, 3, args.frames, args.size, args.size], drop_path=cfg.drop_path)
     return spec
 
@@ -124,18 +131,22 @@ def _backbone_config(name: str, mode: str):
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """{mode: result} measured by `python -m re2tal.bench.model SPEC` in a fresh process."""
     proc = subprocess.run([sys.executable, "-m", "re2tal.bench.model", json.dumps(spec)],
                           capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
-        raise RuntimeError(f"bench {spec['kind']} mode {spec['mode']} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"bench {spec['kind']} {','.join(spec['modes'])} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _print_summary(report: dict[str, Any]) -> None:
     print(f"device: {report['device']}")
-    print(f"{'mode':<16}{'activation MB':>15}{'peak RSS MB':>13}{'step s':>9}")
+    print(f"{'mode':<16}{'activation MB':>15}{'peak RSS MB':>13}{'step s':>9}{'x standard':>12}")
     for mode, r in report["modes"].items():
-        print(f"{mode:<16}{r['activation_bytes'] / 2**20:>15.1f}{r['peak_rss_bytes'] / 2**20:>13.0f}{r['step_seconds']:>9.3f}")
+        act, rss = r.get("activation_bytes"), r.get("peak_rss_bytes")
+        rel = r.get("step_relative_to_standard")
+        print(f"{mode:<16}{'' if act is None else f'{act / 2**20:.1f}':>15}{'' if rss is None else f'{rss / 2**20:.0f}':>13}"
+              f"{r['step_seconds']:>9.3f}{'' if rel is None else f'{rel:.2f}':>12}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,13 +298,26 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_mode(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one mode in this process (see the module docstring)."""
+def measure(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{mode: result} for the spec's modes, in this process (see the module docstring)."""
     torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "memory":
+        (mode,) = spec["modes"]
+        return {mode: measure_memory({**spec, "mode": mode})}
+    return measure_speed(spec)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Activation bytes, baseline and peak memory, a few step times and (reversible) drift of
+    one mode; run in a fresh process."""
     model, x = build_model(spec)
     device = x.device
     runner = Runner(model, x, spec["precision"])
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    result: dict[str, Any] = {"device": _device_name(device)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         result["baseline_cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -317,9 +341,31 @@ def measure_mode(spec: dict[str, Any]) -> dict[str, Any]:
     result["peak_rss_bytes"] = _max_rss_bytes()
     if device.type == "cuda":
         result["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    if spec["kind"] == "memory" and spec["mode"].startswith("reversible"):
+    if spec["mode"].startswith("reversible"):
         result.update(measure_drift(runner, spec["seed"]))
     return result
+
+
+def measure_speed(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Median forward+backward seconds of each mode; the modes' steps alternate round-robin."""
+    runners = {}
+    for mode in spec["modes"]:
+        model, x = build_model({**spec, "mode": mode})
+        runners[mode] = Runner(model, x, spec["precision"])
+    for _ in range(spec["warmup"]):
+        for runner in runners.values():
+            runner.step()
+    times: dict[str, list[float]] = {mode: [] for mode in runners}
+    for _ in range(spec["repeats"]):
+        for mode, runner in runners.items():
+            times[mode].append(runner.step())
+    results = {mode: {"device": _device_name(runner.x.device), "step_seconds": statistics.median(times[mode]),
+                      "step_seconds_all": times[mode]} for mode, runner in runners.items()}
+    if "standard" in results:
+        base = results["standard"]["step_seconds"]
+        for r in results.values():
+            r["step_relative_to_standard"] = r["step_seconds"] / base
+    return results
 
 
 def measure_drift(runner: Runner, seed: int) -> dict[str, float]:
@@ -400,4 +446,4 @@ class _Recorded(nn.Module):
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_mode(json.loads(sys.argv[1]))))
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -42,6 +42,10 @@ class RevStage(nn.Module):
     paths, so dropout / drop-path masks are the same in the forward, the recomputation and the
     vanilla path, and other code's random stream only ever moves by that one draw.
 
+    Memory: kept for backward are the output y and b_n (a_n = 2 y - b_n), or a_n and b_n when y
+    is in a lower precision than the streams; so a next layer that keeps y shares it, and the
+    stage must not be followed by an in-place change of y (autograd would report it).
+
     Limitations: parameter gradients are accumulated into `.grad` by a nested
     `torch.autograd.backward` (like reentrant checkpointing), so use `loss.backward()`;
     `torch.autograd.grad(loss, params)` does not see them. Under DDP keep
@@ -168,17 +172,24 @@ class _RevFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, anchor: Tensor | None, stage: RevStage, fns: list[ResidualFn],
                 spec: _Precision, seed: int | None) -> Tensor:
         a, b = _streams(fns, x, spec, seed)
+        y = spec.output(a, b)
+        # Any two of (a_n, b_n, y) determine the third. y exists anyway and the next layer often
+        # keeps it too (a LayerNorm, a checkpointed patch merging): keeping (y, b_n) then costs
+        # one tensor, not two. A y rounded to a lower dtype than the streams cannot give a_n back.
+        ctx.from_output = y.dtype == a.dtype
         # Every tensor kept goes through save_for_backward so saved-tensor hooks (offloading, the
         # memory benchmark) see it; ctx attributes hold only non-tensor metadata.
-        ctx.save_for_backward(a, b)
+        ctx.save_for_backward(y if ctx.from_output else a, b)
         ctx.stage, ctx.fns, ctx.spec, ctx.seed = stage, fns, spec, seed
-        return spec.output(a, b)
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         """With (ga, gb) = dL/d(a_i, b_i) and z = a_i = b_{i-1}, f = F_i(z):
         a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0."""
         a, b = ctx.saved_tensors
+        if ctx.from_output:
+            a = torch.sub(a * 2, b)  # a_n = 2 y - b_n
         fns, spec = ctx.fns, ctx.spec
         ga = gb = dy.to(spec.stream) * 0.5
         with _rng_substreams(spec.device, ctx.seed) as select, _running_stats_kept(ctx.stage), spec.autocast_ctx():
