@@ -25,8 +25,8 @@ HANDLERS: dict[str, str | None] = {
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": None,
     "data inspect": "re2tal.data.video:inspect_command",
-    "bench memory": None,
-    "bench speed": None,
+    "bench memory": "re2tal.bench.model:memory_main",
+    "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
     "bench map": "re2tal.bench.map:main",
     "bench all": None,
@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")
         p.add_argument("--size", type=int, default=112, metavar="S", help="input height and width (default 112)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-        p.add_argument("--modes", default="standard,checkpoint,reversible", help="comma list of modes to run")
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision of the forward (default fp32; fp16 needs cuda)")
+        p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads, default 2)")
+        p.add_argument("--modes", default="standard,checkpoint,reversible",
+                       help="comma list of modes to run: standard, checkpoint, reversible, reversible_lowp (streams in the compute precision)")
         p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("loader", help="frames/s from local files vs S3 (moto), cold and warm cache",
                          description="Loader throughput for a sampling config from local files and from an S3 endpoint (moto server on loopback), with cold and warm cache, and bytes fetched per epoch.")

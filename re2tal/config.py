@@ -184,22 +184,22 @@ BackboneName = Literal["swin_t", "pst_t"]
 class PatchShiftConfig(Section):
     """Temporal patch shift (TPS / PST) inside window attention; only for `pst_t`."""
 
-    pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper (C: 3x3 tile over 9 frames).")
-    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: every other block of each stage (as the paper) or all.")
-    boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Temporal boundary: cyclic roll (as the paper) or zero padding.")
+    pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper: A, B (2x2 tiles over 3 / 4 frames), C (3x3 over 9 frames), D (4x4 over 16 frames).")
+    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; or `all`.")
+    boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Clip ends: `cyclic` rolls patches around (the paper's code, so PST weights behave as trained); `zero` lets patches shifted past an end read zeros (no mixing of a clip's first and last frames).")
 
 
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone family: swin_t (Video Swin-T) or pst_t (Swin-T with temporal patch shift).")
+    name: BackboneName = Field("swin_t", description="Backbone family: swin_t (Video Swin-T) or pst_t (Swin-T with temporal patch shift); with reversible=true, Re²Swin-T / Re²PST-T.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights (torchvision swin3d_t state-dict layout). None: random init.")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights: a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), loaded as is, classifier dropped; pst_t loads the same file. None: random init.")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth rate (linearly increasing over blocks).")
-    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen (-1: none, 0: patch embedding, k: embedding + first k stages).")
-    norm_eval: bool = Field(False, description="Keep normalisation layers in eval mode during training.")
+    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path (-1: none, 0: patch embedding, k: embedding + first k stages with the patch merging after each).")
+    norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
     embed_dim: PositiveInt = Field(96, description="Channels of the first stage (Swin-T: 96).")
     depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage (Swin-T: 2-2-6-2).")
     num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="Attention heads per stage.")

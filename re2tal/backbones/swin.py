@@ -1,0 +1,246 @@
+"""Video Swin Transformer (Liu et al., CVPR 2022) and PST, Swin with temporal patch shift.
+
+Modules only (STYLE #1). Parameter names and shapes are those of
+`torchvision.models.video.swin3d_t` (without its classifier), so its state dicts load as they
+are, and the standard forward equals torchvision's `features` + `norm`. Differences, all
+without numeric effect beyond float rounding:
+  - attention runs through F.scaled_dot_product_attention with the relative position bias
+    (+ shifted-window mask) as float attn_mask;
+  - shifted windows are attended in groups (interior windows vs the last window along each
+    shifted axis) so the mask stays (nH, N, N) for any input length instead of torchvision's
+    (windows, N, N);
+  - masks and shift indices are built once per shape in a ShapeCache owned by the backbone.
+Each block exposes its two residual functions for reversible rewiring (`re2tal.rev`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.swin_transformer import PatchMerging
+from torchvision.models.video.swin_transformer import PatchEmbed3d
+from torchvision.ops import MLP, StochasticDepth
+
+from re2tal.backbones.patch_shift import TemporalPatchShift
+from re2tal.backbones.shape_cache import ShapeCache
+
+Triple = tuple[int, int, int]
+
+# Additive mask between tokens of different regions of a shifted window; Video Swin uses -100
+# rather than -inf, and so do we, for bit-level parity with pretrained behaviour.
+MASK_VALUE = -100.0
+
+
+def relative_position_index(window: Sequence[int]) -> Tensor:
+    """(N, N) int64, N = Wt*Wh*Ww: row of the bias table for each pair of tokens in a window.
+
+    index[i, j] = ((t_i - t_j + Wt - 1) * (2Wh - 1) + (h_i - h_j + Wh - 1)) * (2Ww - 1) + (w_i - w_j + Ww - 1)
+    """
+    wt, wh, ww = window
+    coords = torch.stack(torch.meshgrid(*(torch.arange(s) for s in window), indexing="ij")).flatten(1)  # 3, N
+    rel = coords[:, :, None] - coords[:, None, :] + torch.tensor([wt - 1, wh - 1, ww - 1]).view(3, 1, 1)
+    return (rel[0] * (2 * wh - 1) + rel[1]) * (2 * ww - 1) + rel[2]
+
+
+def effective_window(size: Triple, window: Triple, shift: Triple) -> tuple[Triple, Triple]:
+    """Video Swin's rule: along an axis no longer than the window, the window shrinks to the
+    input and does not shift."""
+    win = tuple(s if s <= w else w for s, w in zip(size, window))
+    sh = tuple(0 if s <= w else d for s, w, d in zip(size, window, shift))
+    return win, sh  # type: ignore[return-value]
+
+
+def region_mask(window: Triple, shift: Triple, last: tuple[bool, bool, bool]) -> Tensor:
+    """(N, N) float additive mask of one kind of shifted window.
+
+    After the cyclic roll by -shift, the last window along a shifted axis holds two regions that
+    are not neighbours in the video: local positions [0, W - s) and [W - s, W). Tokens attend
+    only within their region: mask[i, j] = 0 if region(i) == region(j) else MASK_VALUE.
+    `last[a]`: the window is the last one along axis a.
+    """
+    ids = [(torch.arange(w) >= w - s) & (s > 0) & is_last for w, s, is_last in zip(window, shift, last)]
+    region = (ids[0].view(-1, 1, 1) * 4 + ids[1].view(1, -1, 1) * 2 + ids[2].view(1, 1, -1)).flatten()
+    return (region[:, None] != region[None, :]).float() * MASK_VALUE
+
+
+class WindowAttention3d(nn.Module):
+    """(Shifted-)window multi-head self-attention with relative position bias, optionally with
+    temporal patch shift. (B, T, H, W, C) -> (B, T, H, W, C).
+
+    x -> [TPS] -> pad to windows -> roll by -shift -> windows of N = Wt*Wh*Ww tokens ->
+    softmax(q k^T / sqrt(d) + bias + mask) v -> proj -> merge windows -> roll back -> unpad ->
+    [TPS back].
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Triple, shift_size: Triple, cache: ShapeCache,
+                 patch_shift: TemporalPatchShift | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(shift_size)
+        self.cache = cache
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        table_rows = math.prod(2 * w - 1 for w in window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_rows, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # Persistent: part of torchvision's state dict (a pure function of window_size).
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.patch_shift = patch_shift
+
+    def relative_position_bias(self, n: int) -> Tensor:
+        """(nH, n, n). For windows shrunk to the input, the first n rows/cols of the full
+        window's index are used, exactly as Video Swin and torchvision do."""
+        index = self.relative_position_index[:n, :n].reshape(-1)
+        return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, h, w, c = x.shape
+        window, shift = effective_window((t, h, w), self.window_size, self.shift_size)
+        if self.patch_shift is not None:
+            x = self.patch_shift(x)
+        pad = [(-s) % win for s, win in zip((t, h, w), window)]
+        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        grid = tuple((size + p) // win for size, p, win in zip((t, h, w), pad, window))
+        n, heads = math.prod(window), self.num_heads
+        x = x.view(b, grid[0], window[0], grid[1], window[1], grid[2], window[2], c)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, *grid, n, c)  # B, gT, gH, gW, N, C
+        qkv = self.qkv(x).view(b, *grid, n, 3, heads, c // heads).permute(5, 0, 1, 2, 3, 6, 4, 7)
+        q, k, v = qkv.unbind(0)  # each B, gT, gH, gW, nH, N, d
+        out = self._attend(q, k, v, self.relative_position_bias(n), window, shift, grid)
+        out = self.proj(out.transpose(-3, -2).reshape(b, *grid, n, c))
+        padded = tuple(g * win for g, win in zip(grid, window))
+        out = out.view(b, *grid, *window, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *padded, c)
+        if any(shift):
+            out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
+        out = out[:, :t, :h, :w]
+        if self.patch_shift is not None:
+            out = self.patch_shift(out, inverse=True)
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: Triple, shift: Triple, grid: Triple) -> Tensor:
+        """softmax(q k^T / sqrt(d) + bias + mask) v over windows; q, k, v (B, gT, gH, gW, nH, N, d).
+
+        Only the last window along a shifted axis needs a mask, so windows are attended in at
+        most 8 groups (interior / last along each shifted axis), each with one (nH, N, N) mask.
+        Inputs go to SDPA as 4-D tensors with a contiguous 4-D mask: that is what selects its
+        fused CPU kernel (other layouts fall back to the slower math path)."""
+        heads, n, d = q.shape[-3:]
+
+        def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+            shape = q.shape
+            q, k, v = (t.reshape(-1, heads, n, d) for t in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype).unsqueeze(0).contiguous()).view(shape)
+
+        if not any(shift):
+            return sdpa(q, k, v, bias)
+        out = q.new_empty(q.shape)
+        parts = [((slice(0, g - 1), False), (slice(g - 1, g), True)) if s else ((slice(None), False),) for g, s in zip(grid, shift)]
+        for (st, lt), (sh, lh), (sw, lw) in itertools.product(*parts):
+            last = (lt, lh, lw)
+            mask = bias
+            if any(last):
+                key = ("swin-mask", window, shift, last, q.device)
+                mask = bias + self.cache.get(key, lambda: region_mask(window, shift, last).to(q.device))
+            idx = (slice(None), st, sh, sw)
+            out[idx] = sdpa(q[idx], k[idx], v[idx], mask)
+        return out
+
+
+class SwinBlock(nn.Module):
+    """x -> x + F1(x) -> (x + F1(x)) + F2(x + F1(x)), with
+    F1(x) = drop_path(attn(norm1(x))) and F2(x) = drop_path(mlp(norm2(x))); x is (B, T, H, W, C).
+    `residual_fns()` gives [F1, F2] for reversible rewiring."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: Triple, shift_size: Triple, drop_path: float,
+                 cache: ShapeCache, patch_shift: TemporalPatchShift | None = None, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = WindowAttention3d(dim, num_heads, window_size, shift_size, cache, patch_shift)
+        self.stochastic_depth = StochasticDepth(drop_path, "row")
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = MLP(dim, [int(dim * mlp_ratio), dim], activation_layer=nn.GELU, inplace=None, dropout=0.0)
+
+    def attention_branch(self, x: Tensor) -> Tensor:
+        return self.stochastic_depth(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.stochastic_depth(self.mlp(self.norm2(x)))
+
+    def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
+        return [self.attention_branch, self.mlp_branch]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention_branch(x)
+        return x + self.mlp_branch(x)
+
+
+class SwinTransformer3d(nn.Module):
+    """Video Swin backbone: (B, 3, T, H, W) -> (B, C, T / pt, H / (ph * 2^(S-1)), W / ...),
+    channels-first after the final LayerNorm, C = embed_dim * 2^(S-1) for S stages.
+
+    Layout (= torchvision's): patch_embed, features = [stage 0 blocks, merge, stage 1 blocks,
+    merge, ...], norm. Stage s's blocks are `features[2 s]` (an nn.Sequential, rewired in place by
+    apply_reversible / apply_activation_checkpointing). Blocks with odd index in a stage use
+    shifted windows. `patch_shift(stage, block)` gives the TPS module of a block or None.
+
+    `eval_modules`: names of submodules kept in eval mode by `train()` (frozen stages: no drop
+    path there), filled from outside by apply_frozen_stages / apply_norm_eval.
+    """
+
+    def __init__(self, patch_size: Triple = (2, 4, 4), embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), window_size: Triple = (8, 7, 7), drop_path: float = 0.1,
+                 patch_shift: Callable[[int, int, ShapeCache], TemporalPatchShift | None] | None = None) -> None:
+        super().__init__()
+        self.cache = ShapeCache()
+        norm = partial(nn.LayerNorm, eps=1e-5)
+        self.patch_embed = PatchEmbed3d(list(patch_size), embed_dim=embed_dim, norm_layer=norm)
+        layers: list[nn.Module] = []
+        total, block_id = sum(depths), 0
+        for stage, (depth, heads) in enumerate(zip(depths, num_heads)):
+            dim = embed_dim * 2**stage
+            blocks = []
+            for i in range(depth):
+                shift = tuple(0 if i % 2 == 0 else w // 2 for w in window_size)
+                tps = patch_shift(stage, i, self.cache) if patch_shift is not None else None
+                rate = drop_path * block_id / max(total - 1, 1)  # linear over all blocks, as torchvision
+                blocks.append(SwinBlock(dim, heads, window_size, shift, rate, self.cache, tps))
+                block_id += 1
+            layers.append(nn.Sequential(*blocks))
+            if stage < len(depths) - 1:
+                layers.append(PatchMerging(dim, norm))
+        self.features = nn.Sequential(*layers)
+        self.out_channels = embed_dim * 2 ** (len(depths) - 1)
+        self.norm = norm(self.out_channels)
+        self.temporal_stride = patch_size[0]
+        self.spatial_stride = patch_size[1] * 2 ** (len(depths) - 1)
+        self.num_stages = len(depths)
+        self.eval_modules: list[str] = []
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def stage_blocks(self) -> list[int]:
+        """Indices into `features` of the block stages."""
+        return list(range(0, len(self.features), 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)  # B, T', H', W', C
+        x = self.features(x)
+        return self.norm(x).permute(0, 4, 1, 2, 3)
+
+    def train(self, mode: bool = True) -> "SwinTransformer3d":
+        super().train(mode)
+        for name in self.eval_modules:
+            self.get_submodule(name).eval()
+        return self

@@ -1,0 +1,58 @@
+"""ReLU-in: make a post-activation residual block usable in a reversible stage.
+
+A post-activation block computes y = ReLU(x + F(x)), which is not of the residual form
+x + G(x) and cannot be inverted step by step. Moving the ReLU into the branch gives
+
+    y = x + ReLU(F(x)),
+
+a residual function G = ReLU o F with the block's own parameters (Re²TAL, "ReLU-in").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Branch = Callable[[nn.Module, Tensor], Tensor]
+
+
+class ReluIn(nn.Module):
+    """x -> x + ReLU(F(x)) for a post-activation block ReLU(x + F(x)) with an identity shortcut.
+
+    block: the original block; its children are adopted under their own names, so the state-dict
+      keys (and the parameter objects) are exactly the block's.
+    branch: F, either the name of the child that computes it (pytorchvideo's ResBlock: "branch2")
+      or a function `branch(module, x)` of a module holding those children, e.g. for torchvision's
+      Bottleneck `lambda m, x: m.bn3(m.conv3(m.relu(m.bn2(m.conv2(m.relu(m.bn1(m.conv1(x))))))))`.
+      A function must reach the block's submodules only through `module` (not a closure over the
+      old block), so copies of the ReluIn module stay self-contained.
+    """
+
+    def __init__(self, block: nn.Module, branch: str | Branch):
+        super().__init__()
+        own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(f"ReluIn: {type(block).__name__} holds tensors outside its children ({', '.join(own)}); only children are adopted")
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        if isinstance(branch, str) and not isinstance(getattr(self, branch, None), nn.Module):
+            raise ValueError(f"ReluIn: {type(block).__name__} has no child {branch!r}")
+        self._branch = branch  # underscore: must not clash with an adopted child
+
+    def residual_fn(self, x: Tensor) -> Tensor:
+        """ReLU(F(x)), same shape as x."""
+        f = getattr(self, self._branch)(x) if isinstance(self._branch, str) else self._branch(self, x)
+        return F.relu(f)
+
+    def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
+        return [self.residual_fn]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual_fn(x)
+
+
+def relu_in(block: nn.Module, branch: str | Branch) -> ReluIn:
+    """`ReluIn(block, branch)`: the ReLU-in form of a post-activation residual block."""
+    return ReluIn(block, branch)

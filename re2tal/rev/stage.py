@@ -1,0 +1,226 @@
+"""Reversible residual stages: the Re²TAL rewiring and its memory-free backward.
+
+A stage of residual functions F_1..F_n, originally x_i = x_{i-1} + F_i(x_{i-1}), is rewired to
+
+    x_i = x_{i-2} + F_i(x_{i-1}),   x_{-1} = x_0 = stage input,   output = (x_{n-1} + x_n) / 2.
+
+Written as two streams (a, b) = (x_{i-2}, x_{i-1}), one step is (a, b) -> (b, a + F_i(b)) and its
+inverse is a = c - F_i(b): given the last two streams every earlier one can be recomputed, so
+nothing per block is kept for backward. Parameters are untouched, so pretrained weights load as
+they are. All tensors here have the stage's activation shape, e.g. (B, T, H, W, C).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+ResidualFn = Callable[[Tensor], Tensor]
+
+
+class RevStage(nn.Module):
+    """A reversible stage built from blocks that expose their residual functions.
+
+    Each block has `residual_fns() -> list[Callable[[Tensor], Tensor]]`, its residual functions in
+    order (a transformer block: [attention branch, MLP branch]; a bottleneck: [branch]); each maps
+    a tensor to one of the same shape and uses only the block's own submodules. Blocks are
+    registered as children "0", "1", ..., so state-dict keys equal those of
+    `nn.Sequential(*blocks)`.
+
+    fp32_streams: keep the two streams in fp32 when the input or the autocast precision is lower
+    (F_i still run in low precision); False keeps them in the compute precision (autocast dtype if
+    autocast is on, else the input dtype), which halves the two saved tensors but lets
+    reconstruction drift. `vanilla = True` runs the same rewired computation under plain autograd
+    (reference for tests; keeps every activation).
+
+    Randomness: in training mode every forward draws one base seed from the global CPU generator
+    and runs F_i on generators seeded with base + i (then restores the global ones), in all
+    paths, so dropout / drop-path masks are the same in the forward, the recomputation and the
+    vanilla path, and other code's random stream only ever moves by that one draw.
+
+    Memory: kept for backward are the output y and b_n (a_n = 2 y - b_n), or a_n and b_n when y
+    is in a lower precision than the streams; so a next layer that keeps y shares it, and the
+    stage must not be followed by an in-place change of y (autograd would report it).
+
+    Limitations: parameter gradients are accumulated into `.grad` by a nested
+    `torch.autograd.backward` (like reentrant checkpointing), so use `loss.backward()`;
+    `torch.autograd.grad(loss, params)` does not see them. Under DDP keep
+    `find_unused_parameters=False` (the default).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], *, fp32_streams: bool = True):
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("RevStage: needs at least one block")
+        for i, block in enumerate(blocks):
+            if not callable(getattr(block, "residual_fns", None)):
+                raise TypeError(f"RevStage: block {i} ({type(block).__name__}) has no residual_fns() method")
+            self.add_module(str(i), block)
+        self.fp32_streams = fp32_streams
+        self.vanilla = False
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return list(self._modules.values())[i]
+
+    def residual_fns(self) -> list[ResidualFn]:
+        """F_1..F_n of the whole stage, in order."""
+        return [fn for block in self for fn in block.residual_fns()]
+
+    def extra_repr(self) -> str:
+        return f"fp32_streams={self.fp32_streams}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(a_n + b_n) / 2 after n steps from a_0 = b_0 = x; same shape and dtype as x."""
+        fns = self.residual_fns()
+        spec = _Precision.of(x, self.fp32_streams)
+        seed = _draw_seed() if self.training else None
+        if self.vanilla:
+            return spec.output(*_streams(fns, x, spec, seed))
+        params_need_grad = any(p.requires_grad for p in self.parameters())
+        if not torch.is_grad_enabled() or not (x.requires_grad or params_need_grad):
+            with torch.no_grad():
+                return spec.output(*_streams(fns, x, spec, seed))
+        # Function.apply only builds a graph node when an input requires grad; a stage whose
+        # input is constant (frozen stem) but whose parameters train needs one anyway.
+        anchor = x.new_empty(0, requires_grad=True) if not x.requires_grad else None
+        return _RevFunction.apply(x, anchor, self, fns, spec, seed)
+
+
+class _Precision:
+    """Dtypes of one forward: the streams' (`stream`), what F_i get (`fn_in`, None = the stream
+    itself, autocast casts), the output's (`out`), and the autocast state to re-enter."""
+
+    def __init__(self, stream: torch.dtype, fn_in: torch.dtype | None, out: torch.dtype, device: torch.device,
+                 autocast: bool, autocast_dtype: torch.dtype):
+        self.stream, self.fn_in, self.out, self.device = stream, fn_in, out, device
+        self.autocast, self.autocast_dtype = autocast, autocast_dtype
+
+    @classmethod
+    def of(cls, x: Tensor, fp32_streams: bool) -> "_Precision":
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        autocast_dtype = torch.get_autocast_dtype(dev)
+        if fp32_streams:
+            stream = torch.promote_types(x.dtype, torch.float32)
+        else:
+            stream = autocast_dtype if autocast else x.dtype
+        # Without autocast the parameters are in x's dtype (e.g. a DeepSpeed bf16 engine), so F_i
+        # must see x's dtype, as the unrewired block did; under autocast its casts do the work.
+        fn_in = None if autocast else x.dtype
+        return cls(stream, fn_in, x.dtype, x.device, autocast, autocast_dtype)
+
+    def fn_input(self, b: Tensor) -> Tensor:
+        return b if self.fn_in is None else b.to(self.fn_in)
+
+    def output(self, a: Tensor, b: Tensor) -> Tensor:
+        return ((a + b) * 0.5).to(self.out)
+
+    def autocast_ctx(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast)
+
+
+def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
+    """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b))."""
+    a = b = x.to(spec.stream)
+    with _rng_substreams(spec.device, seed) as select:
+        for i, fn in enumerate(fns):
+            select(i)
+            a, b = b, a + fn(spec.fn_input(b)).to(spec.stream)
+    return a, b
+
+
+def _draw_seed() -> int:
+    """One draw from the global CPU generator: the base seed of a training forward's F_i."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+@contextmanager
+def _rng_substreams(device: torch.device, seed: int | None) -> Iterator[Callable[[int], None]]:
+    """`select(i)` seeds the CPU generator (and x's CUDA one) with seed + i, so F_i draws the same
+    dropout / drop-path masks in the forward and in the recomputation. The global generators are
+    restored on exit: other code's randomness is untouched, and one base seed per stage replaces
+    a 5 KB generator state per F_i. seed None (eval mode): nothing is seeded."""
+    if seed is None:
+        yield lambda i: None
+        return
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        def select(i: int) -> None:
+            torch.default_generator.manual_seed(seed + i)
+            if cuda:
+                torch.cuda.default_generators[device.index].manual_seed(seed + i)
+
+        yield select
+
+
+class _RevFunction(torch.autograd.Function):
+    """Keeps only (a_n, b_n); backward walks the steps in reverse, reconstructing each F_i's
+    input and back-propagating through F_i once."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, anchor: Tensor | None, stage: RevStage, fns: list[ResidualFn],
+                spec: _Precision, seed: int | None) -> Tensor:
+        a, b = _streams(fns, x, spec, seed)
+        y = spec.output(a, b)
+        # Any two of (a_n, b_n, y) determine the third. y exists anyway and the next layer often
+        # keeps it too (a LayerNorm, a checkpointed patch merging): keeping (y, b_n) then costs
+        # one tensor, not two. A y rounded to a lower dtype than the streams cannot give a_n back.
+        ctx.from_output = y.dtype == a.dtype
+        # Every tensor kept goes through save_for_backward so saved-tensor hooks (offloading, the
+        # memory benchmark) see it; ctx attributes hold only non-tensor metadata.
+        ctx.save_for_backward(y if ctx.from_output else a, b)
+        ctx.stage, ctx.fns, ctx.spec, ctx.seed = stage, fns, spec, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        """With (ga, gb) = dL/d(a_i, b_i) and z = a_i = b_{i-1}, f = F_i(z):
+        a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0."""
+        a, b = ctx.saved_tensors
+        if ctx.from_output:
+            a = torch.sub(a * 2, b)  # a_n = 2 y - b_n
+        fns, spec = ctx.fns, ctx.spec
+        ga = gb = dy.to(spec.stream) * 0.5
+        with _rng_substreams(spec.device, ctx.seed) as select, _running_stats_kept(ctx.stage), spec.autocast_ctx():
+            for i in reversed(range(len(fns))):
+                select(i)
+                z = a.detach().requires_grad_()
+                with torch.enable_grad():
+                    f = fns[i](spec.fn_input(z))
+                if i > 0:
+                    a = b - f.detach().to(spec.stream)
+                b = z.detach()
+                # One evaluation of F_i serves both the reconstruction above and this backward;
+                # parameter .grad accumulates through the ordinary path, so DDP / ZeRO gradient
+                # hooks fire once per use.
+                if f.requires_grad:
+                    torch.autograd.backward(f, gb.to(f.dtype))
+                dz = z.grad
+                del f, z
+                ga, gb = gb, ga if dz is None else dz.add_(ga)  # dz is ours: add in place
+        dx = (ga + gb).to(spec.out) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None, None
+
+
+@contextmanager
+def _running_stats_kept(stage: nn.Module) -> Iterator[None]:
+    """Restore BatchNorm running statistics after the recomputation, which would otherwise
+    update them a second time per forward."""
+    norms = [m for m in stage.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [[buf.clone() for buf in m.buffers(recurse=False)] for m in norms]
+    yield
+    with torch.no_grad():
+        for m, values in zip(norms, saved):
+            for buf, value in zip(m.buffers(recurse=False), values):
+                buf.copy_(value)
