@@ -82,6 +82,8 @@ class DataConfig(Section):
     annotations: str = Field(description="URL of the ActivityNet-format annotation JSON (s3://, gs://, http(s)://, file:// or path). Required.")
     video_root: str | None = Field(None, description="URL prefix of the videos: a video's file is its `url` in the annotations, else `<video_root>/<id>.<video_ext>`. Default: the annotation file's folder.")
     video_ext: str = Field("mp4", description="File extension of videos under video_root.")
+    video_prefix: str = Field("", description="File-name prefix of videos under video_root (ActivityNet files are `v_<id>.mp4`: `v_`).")
+    use_annotation_urls: bool = Field(True, description="Take a video's `url` from the annotations when it has one. ActivityNet's are YouTube pages: set false to read `<video_root>/<video_prefix><id>.<video_ext>`.")
     train_subset: str = Field("training", description="Annotation subset used for training.")
     val_subset: str = Field("validation", description="Annotation subset used for evaluation.")
     sampling: Literal["uniform", "sliding"] = Field("uniform", description="`uniform`: num_frames spread over the whole video (ActivityNet style). `sliding`: windows of num_frames consecutive samples (THUMOS style).")

@@ -3,8 +3,8 @@
     {"database": {video_id: {"subset": str, "duration": seconds, "url": str (optional),
                              "annotations": [{"segment": [start, end], "label": str}, ...]}}}
 
-A video's file is its `url` (a relative one is taken under `data.video_root`), else
-`<video_root>/<id>.<video_ext>`; `video_root` defaults to the annotation file's folder. The label
+A video's file is its `url` (a relative one is taken under `data.video_root`), else (or with
+`data.use_annotation_urls: false`) `<video_root>/<video_prefix><id>.<video_ext>`; `video_root` defaults to the annotation file's folder. The label
 map is the sorted list of every label in the file (index = class id). Segments reaching past the
 video's duration are clipped to it (ActivityNet has many that end a little after the video);
 one starting at or after the end is dropped with a warning. Anything else malformed is a
@@ -136,8 +136,8 @@ def _video(vid: str, entry: dict, where: str, index: int, ids: dict[str, int], r
 
 
 def _resolve(url: object, vid: str, where: str, root: str, data: DataConfig) -> str:
-    if url is None:
-        return f"{root}/{vid}.{data.video_ext}"
+    if url is None or not data.use_annotation_urls:
+        return f"{root}/{data.video_prefix}{vid}.{data.video_ext}"
     if not isinstance(url, str):
         raise BadInput(f"{where}: url must be a string")
     try:

@@ -104,8 +104,10 @@ def prepare(cfg: Config):
         ensure_synthetic(cfg.data, cfg.storage)
     annotations = load_annotations(cfg.data, cfg.storage)
     for key in ("train_subset", "val_subset"):
-        if not annotations.subset(getattr(cfg.data, key)):
-            raise BadInput(f"data.{key}: no video of subset {getattr(cfg.data, key)!r} in {cfg.data.annotations}")
+        try:
+            annotations.subset(getattr(cfg.data, key))
+        except BadInput as err:
+            raise BadInput(f"data.{key}: {err}") from None
     if cfg.head.num_classes not in (1, len(annotations.labels)):
         raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} "
                        "action labels (use their number, or 1 for a class-agnostic head)")
