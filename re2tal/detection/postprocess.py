@@ -154,7 +154,15 @@ def _entries(vid: str, seg: np.ndarray, score: np.ndarray, label: np.ndarray, la
 
 
 def parse_class_scores(tree: Any, source: str = "class scores") -> dict[str, dict[str, float]]:
-    """Video-level class scores `{video: {label: score}}` (optionally under "results"), checked."""
+    """Video-level class scores `{video: {label: score}}` (optionally under "results"), checked.
+    Also the CUHK ActivityNet classifier layout `{"results": {video: [score, ...]}, "class": [label, ...]}`.
+    ActivityNet's video ids are also found under their file names `v_<id>`."""
+    if isinstance(tree, dict) and isinstance(tree.get("class"), list) and isinstance(tree.get("results"), dict):
+        names, results = tree["class"], tree["results"]
+        for vid, scores in results.items():
+            if not isinstance(scores, list) or len(scores) != len(names):
+                raise BadInput(f"{source}: video {vid!r}: expected {len(names)} scores (one per entry of \"class\")")
+        tree = {vid: dict(zip(names, scores)) for vid, scores in results.items()}
     if isinstance(tree, dict) and isinstance(tree.get("results"), dict):
         tree = tree["results"]
     if not isinstance(tree, dict):
@@ -167,6 +175,8 @@ def parse_class_scores(tree: Any, source: str = "class scores") -> dict[str, dic
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise BadInput(f"{source}: video {vid!r} label {name!r}: score must be a finite number, got {value!r}")
         out[vid] = {name: float(value) for name, value in scores.items()}
+        if vid.startswith("v_"):
+            out.setdefault(vid[2:], out[vid])
     return out
 
 

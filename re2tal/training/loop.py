@@ -82,6 +82,8 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("worker %d resumed at epoch %d, step %d", worker.rank, state.epoch, state.step)
 
     tracker = _tracker(config) if worker.is_main else None
+    if tracker is not None and checkpoint is not None:
+        tracker.metrics({"resumed_at_step": state.step}, step=state.step)  # restarts show in MLflow
     loop = _Loop(cfg, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"), local)
     loop.run(state, micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
 

@@ -1,0 +1,353 @@
+"""The main job end to end: real local Ray, real DeepSpeed engines on CPU, real moto S3, real
+MLflow stores (SQLite and an `mlflow server`), a tiny synthetic dataset and a tiny reversible Swin.
+
+Every run here uses the same tiny config (a few seconds of training); most of each test's time is
+Ray starting worker processes and DeepSpeed initialising.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from re2tal.config import Config, SynthConfig, validate
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+SYNTH = SynthConfig(videos=6, val_videos=2, classes=2, duration_s=6, fps=5, size=32, seed=3)
+TINY = {
+    "data": {"sampling": "uniform", "num_frames": 16, "frame_size": 32, "loader_threads": 1, "prefetch_videos": 1},
+    "augment": {"rotation": True, "color_jitter": True},
+    "backbone": {"name": "swin_t", "reversible": True, "embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+                 "window_size": [8, 4, 4], "drop_path": 0.1},
+    "head": {"num_classes": 2, "seq_len": 8, "embed_dim": 16, "fpn_levels": 2, "stem_layers": 1, "attn_window": 3,
+             "num_attn_heads": 2},
+    "optim": {"backbone_lr": 1e-3, "head_lr": 1e-3, "warmup_epochs": 0},
+    "train": {"epochs": 2, "num_workers": 2, "report_every_steps": 1, "max_failures": 0},
+    "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+    "tracking": {"experiment": "re2tal-tests"},
+}
+STEPS_PER_EPOCH = 2  # 4 training videos / (2 workers x batch 1)
+RUN_METRICS = {"loss", "cls_loss", "reg_loss", "lr", "lr_backbone", "average_mAP", "mAP_0.50", "mAP_0.95",
+               "peak_memory_gb", "clips_per_s", "videos_per_s", "data_wait_fraction", "random_average_mAP"}
+
+
+def tiny_config(tmp_path: Path, annotations: str, name: str, **overrides) -> Config:
+    tree = {section: dict(values) for section, values in TINY.items()}
+    tree["data"]["annotations"] = annotations
+    tree["train"] |= {"name": name, "storage_path": str(tmp_path / "runs")}
+    tree["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return validate(tree).with_overrides(overrides)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_set(tmp_path_factory) -> str:
+    """The tiny synthetic set in a local folder; returns its annotation file."""
+    from re2tal.config import StorageConfig
+    from re2tal.data.synth import write_synthetic
+
+    folder = tmp_path_factory.mktemp("synth")
+    write_synthetic(str(folder), SYNTH, StorageConfig())
+    return str(folder / "annotations.json")
+
+
+def mlflow_run(cfg: Config, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    from re2tal.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(cfg.tracking.tracking_uri))
+    return client, client.get_run(run_id)
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tmp_path):
+    from re2tal.data.synth import write_synthetic
+    from re2tal.training.trainer import fit
+
+    write_synthetic(s3.url("synth"), SYNTH, s3.storage)
+    cfg = tiny_config(tmp_path, s3.url("synth/annotations.json"), "s3-run", **s3.overrides())
+    metrics = fit(cfg)
+
+    assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH
+    assert metrics["epoch"] == cfg.train.epochs
+    assert 0.0 <= metrics["average_mAP"] <= 1.0 and metrics["peak_memory_gb"] > 0.1
+    checkpoint = Path(metrics["checkpoint"])
+    assert (checkpoint / "state").is_dir() and (checkpoint / "worker_rank0.pt").exists() and (checkpoint / "worker_rank1.pt").exists()
+
+    client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, cfg.train.epochs * STEPS_PER_EPOCH + 1))
+    params = run.data.params
+    assert params["backbone.name"] == "swin_t" and params["train.epochs"] == "2"
+    assert params["storage.endpoint_url"] == s3.endpoint_url
+    assert not any(k.endswith(("access_key_id", "secret_access_key")) for k in params)
+    assert "testing" not in str(params.values())  # the credentials
+    assert run.data.tags["backbone"] == "swin_t" and run.data.tags["reversible"] == "true"
+    assert len(run.data.tags["git_commit"]) in (40, len("unknown"))
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"config/resolved.yaml", "predictions/best.json", "plots/map_per_tiou.png", "plots/pr_curves.png",
+            "plots/timeline.png"} <= artifacts
+    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml")).read_text())
+    assert logged["storage"]["secret_access_key"] == "**********"
+    assert validate({**logged, "storage": {}}).backbone == cfg.backbone
+
+
+def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_cluster, local_set, tmp_path):
+    from re2tal.training.trainer import fit
+
+    first = fit(tiny_config(tmp_path, local_set, "again"))
+    longer = tiny_config(tmp_path, local_set, "again", **{"train.epochs": 3})
+    second = fit(longer)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["step"] == 3 * STEPS_PER_EPOCH
+    client, run = mlflow_run(longer, second["mlflow_run_id"])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")] == [2 * STEPS_PER_EPOCH]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 3 * STEPS_PER_EPOCH + 1)), "a step was repeated or lost"
+    assert fit(longer)["step"] == 3 * STEPS_PER_EPOCH  # finished: a third launch trains nothing
+
+
+def _train_worker_pids() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in p.info["cmdline"] or ()):
+            out.add(p.pid)
+    return out
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint_with_the_same_steps(ray_cluster, local_set, tmp_path):
+    from re2tal.training.trainer import fit
+
+    cfg = tiny_config(tmp_path, local_set, "killed", **{"train.epochs": 4, "train.max_failures": 1,
+                                                         "train.checkpoint_every_steps": 1})
+    run_dir = tmp_path / "runs" / "killed"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(run_dir.glob("epoch*/state")):
+            time.sleep(0.05)
+        pids = _train_worker_pids()
+        if pids:
+            victim = max(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    metrics = fit(cfg)
+    killer.join()
+    assert killed, "no training worker found to kill"
+    assert not psutil.pid_exists(killed[0])
+    assert metrics["step"] == 4 * STEPS_PER_EPOCH  # as an uninterrupted run
+    client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
+    assert client.get_metric_history(run.info.run_id, "resumed_at_step"), "the run did not restart from a checkpoint"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(ray_cluster, local_set, tmp_path):
+    from re2tal.training.trainer import TrainingStopped, fit
+
+    # A learning rate this large makes the weights explode in the first update: the loss of the
+    # second step is not finite.
+    cfg = tiny_config(tmp_path, local_set, "diverges", **{"optim.head_lr": 1e30, "optim.backbone_lr": 1e30,
+                                                           "deepspeed.gradient_clipping": 0.0,
+                                                           "train.checkpoint_every_steps": 1})
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .* step 2; the last good checkpoint is kept"):
+        fit(cfg)
+    checkpoints = sorted((tmp_path / "runs" / "diverges").glob("epoch*"))
+    assert [c.name for c in checkpoints] == ["epoch0000-step00000001"]
+    assert (checkpoints[0] / "state" / "mp_rank_00_model_states.pt").exists()
+    client, run = mlflow_run(cfg, client_run_id(cfg))
+    assert run.info.status == "FAILED"
+
+
+def client_run_id(cfg: Config) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from re2tal.tracking import RUN_TAG, resolve_uri
+
+    client = MlflowClient(resolve_uri(cfg.tracking.tracking_uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`{RUN_TAG}` = '{cfg.train.name}'")[0].info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI: bad input fails before any worker starts; local mode; eval and predict from a checkpoint
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "re2tal.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(tmp_path: Path, cfg: Config) -> Path:
+    path = tmp_path / f"{cfg.train.name}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def test_malformed_config_and_bad_annotations_fail_before_any_worker_starts(tmp_path):
+    good = tiny_config(tmp_path, str(tmp_path / "missing.json"), "bad")
+    path = write_config(tmp_path, good)
+    started = time.time()
+    out = run_cli("train", "--config", str(path), "--set", "deepspeed.zero_stage=7")
+    assert out.returncode == 2 and "deepspeed.zero_stage" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_cli("train", "--config", str(path))  # the annotation file does not exist
+    assert out.returncode == 2 and "missing.json" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Ray" not in out.stderr + out.stdout  # no Ray was started
+    assert time.time() - started < 120
+
+
+def test_local_mode_runs_in_process_then_eval_and_predict_use_its_checkpoint(local_set, tmp_path):
+    cfg = tiny_config(tmp_path, local_set, "local", **{"train.num_workers": 0, "train.epochs": 1})
+    path = write_config(tmp_path, cfg)
+    out = run_cli("train", "--config", str(path), "--local")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "average mAP" in out.stdout and "MLflow run" in out.stdout
+    checkpoint = tmp_path / "runs" / "local" / f"epoch0001-step{STEPS_PER_EPOCH * 2:08d}"  # one worker: 4 steps
+    assert (checkpoint / "state").is_dir(), sorted(p.name for p in (tmp_path / "runs" / "local").iterdir())
+    trained = float(next(line.split()[-2] for line in out.stdout.splitlines() if "│ average mAP " in line))
+
+    out = run_cli("eval", "--config", str(path), "--checkpoint", str(checkpoint), "--json", str(tmp_path / "eval.json"),
+                  "--predictions", str(tmp_path / "pred.json"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = yaml.safe_load((tmp_path / "eval.json").read_text())
+    assert result["average_mAP"] == pytest.approx(trained, abs=1e-4)  # the same weights, the same numbers
+
+    video = str(Path(local_set).parent / "synth_0000.mp4")
+    out = run_cli("predict", "--config", str(path), "--checkpoint", str(checkpoint), video)
+    assert out.returncode == 0, out.stderr[-3000:]
+    segments = yaml.safe_load(out.stdout)["segments"]
+    assert segments and all(0 <= s["segment"][0] < s["segment"][1] <= SYNTH.duration_s + 1e-6 for s in segments)
+    from re2tal.data.synth import class_names
+
+    assert {s["label"] for s in segments} <= set(class_names(SYNTH.classes))
+
+    out = run_cli("predict", "--config", str(path), "--checkpoint", str(checkpoint), str(tmp_path / "nope.mp4"))
+    assert out.returncode == 2 and "nope.mp4" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# a real MLflow tracking server with artifacts on the S3 endpoint, as on a cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(s3, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn / uvicorn children
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, local_set, s3, mlflow_server, tmp_path):
+    from re2tal.training.trainer import fit
+
+    cfg = tiny_config(tmp_path, local_set, "remote", **{"train.epochs": 1, "tracking.tracking_uri": mlflow_server})
+    metrics = fit(cfg)
+    client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and RUN_METRICS - {"random_average_mAP"} <= set(run.data.metrics)
+    keys = {key for key in s3.fs.find(f"{s3.bucket}/mlartifacts")}
+    for name in ("config/resolved.yaml", "predictions/best.json", "plots/map_per_tiou.png"):
+        assert any(k.endswith(f"/artifacts/{name}") for k in keys), (name, keys)
+
+
+# --------------------------------------------------------------------------------------------
+# ray start --head + ray job submit, as on a cluster
+
+
+def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dashboard = _free_port(), _free_port()
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH="")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
+    # --block keeps the head's processes in this process group, so stopping it stops only them
+    # (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "ray head did not start"
+                time.sleep(1)
+        cfg = tiny_config(tmp_path, local_set, "submitted", **{"train.epochs": 1})
+        config = write_config(tmp_path, cfg)
+        job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                              "python", "jobs/train.py", "--config", str(config)],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr and "average mAP" in job.stdout
+        assert any((tmp_path / "runs" / "submitted").glob("epoch0001-*/state"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
