@@ -23,7 +23,7 @@ HANDLERS: dict[str, str | None] = {
     "eval": None,
     "predict": None,
     "map": None,
-    "data synth": None,
+    "data synth": "re2tal.data.synth:main",
     "data inspect": None,
     "bench memory": None,
     "bench speed": None,
