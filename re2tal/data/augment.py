@@ -129,7 +129,8 @@ _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0
 
 
 def _adjust_hue(x_N3HW: torch.Tensor, hue: float) -> torch.Tensor:
-    """Rotate hue by `hue` turns (in [-0.5, 0.5]) as a linear map in YIQ space (as TensorFlow Addons' adjust_hsv_in_yiq does):
+    """Rotate hue by `hue` turns (in [-0.5, 0.5]) as a linear map in YIQ space, as TensorFlow
+    Addons' adjust_hsv_in_yiq does:
 
         rgb' = clamp(A^-1 R(-2 pi hue) A rgb, 0, 1),  A = RGB->YIQ,  R rotates the (I, Q) plane.
 
