@@ -23,7 +23,7 @@ HANDLERS: dict[str, str | None] = {
     "eval": "re2tal.training.cli:eval_command",
     "predict": "re2tal.training.cli:predict_command",
     "map": "re2tal.evaluation.cli:map_command",
-    "data synth": None,
+    "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
     "bench memory": "re2tal.bench.model:memory_main",
     "bench speed": "re2tal.bench.model:speed_main",

@@ -63,16 +63,20 @@ class SynthConfig(Section):
 
     videos: PositiveInt = Field(48, description="Number of videos (training + validation).")
     val_videos: PositiveInt = Field(12, description="How many of them form the validation subset.")
-    classes: PositiveInt = Field(4, description="Number of action classes (distinct motion patterns).")
+    classes: int = Field(4, ge=1, le=48, description="Number of action classes: distinct (shape, motion pattern) pairs, at most 48.")
     duration_s: PositiveFloat = Field(60.0, description="Length of each video in seconds.")
     fps: PositiveFloat = Field(10.0, description="Frame rate of the written mp4 files.")
-    size: PositiveInt = Field(64, description="Frame height and width in pixels.")
+    size: int = Field(64, ge=32, le=4096, description="Frame height and width in pixels, a multiple of 32.")
     seed: int = Field(0, description="Seed of the generator: same seed, same videos.")
 
     @model_validator(mode="after")
     def _val_fits(self) -> "SynthConfig":
         if self.val_videos >= self.videos:
             raise ValueError(f"val_videos: {self.val_videos} leaves no training videos out of videos={self.videos}")
+        if self.size % 32:  # h264 4:2:0 needs even sizes; decord 0.6 misreads some small ones (48, 72: dmlc/decord#336)
+            raise ValueError(f"size: {self.size} is not a multiple of 32")
+        if round(self.duration_s * self.fps) < 30:
+            raise ValueError(f"duration_s: {self.duration_s:g} s at {self.fps:g} fps gives {round(self.duration_s * self.fps)} frames; a video needs at least 30")
         return self
 
 
@@ -157,7 +161,9 @@ def _pair(lo_min: float, hi_max: float):
 
 class AugmentConfig(Section):
     """Training-time clip augmentations (one random draw per clip, applied to all its frames).
-    The five of Re²TAL's ablation; each is a toggle. Evaluation uses resize + center crop."""
+    The five of Re²TAL's ablation; each is a toggle. Evaluation uses resize + center crop.
+    Temporal jitter is applied by the frame sampler (it picks which frames are decoded); the four
+    spatial / colour ones by `re2tal.data.augment.augment_clips` on the worker's device."""
 
     random_resized_crop: bool = Field(True, description="Random resized crop.")
     crop_scale: tuple[float, float] = Field((0.5, 1.0), description="Area fraction range of the random crop.")
