@@ -29,7 +29,7 @@ HANDLERS: dict[str, str | None] = {
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
     "bench map": "re2tal.bench.map:main",
-    "bench all": None,
+    "bench all": "re2tal.bench.all:main",
 }
 
 
