@@ -245,7 +245,7 @@ class _Loop:
         """End the run without a checkpoint: the last good one stays the latest."""
         message = f"training stopped: {reason}; the last good checkpoint is kept"
         if self.worker.is_main and self.progress is not None:
-            self.progress.put({"kind": "message", "text": message})
+            self.progress.put({"kind": "stopped", "text": message})
         self.report(state, {"epoch": state.epoch, "step": state.step, "stopped": message})
 
     # -- evaluation -----------------------------------------------------------------------------

@@ -56,14 +56,16 @@ def worker_env(cfg: Config) -> dict:
 
 
 class Progress:
-    """Consumes the progress records rank 0 puts on a queue; draws a tqdm bar (epoch, step, loss,
-    lr, ETA) and one line per evaluation."""
+    """Consumes the records rank 0 puts on a queue: draws a tqdm bar (epoch, step, loss, lr, ETA)
+    and one line per evaluation when `draw`, and keeps the reason if the run was stopped (Ray
+    Train's result only carries metrics reported with a checkpoint)."""
 
-    def __init__(self, q, total_steps: int):
+    def __init__(self, q, total_steps: int, draw: bool = True):
         from tqdm import tqdm
 
         self.q = q
-        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, desc="train")
+        self.stopped: str | None = None
+        self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, desc="train", disable=not draw)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -85,12 +87,14 @@ class Progress:
             elif kind == "eval":
                 self.bar.write(f"epoch {rec['epoch']}: average mAP {rec['average_mAP']:.4f}  " +
                                "  ".join(f"mAP@{t} {v:.3f}" for t, v in rec["mAP"].items()))
-            elif kind == "message":
+            elif kind == "stopped":
+                self.stopped = rec["text"]
                 self.bar.write(rec["text"])
 
     def close(self) -> None:
+        """Waits until every record put before is consumed."""
         self.q.put(STOP)
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=60)
         self.bar.close()
 
 
@@ -134,17 +138,15 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, extra_tags)
-    progress = None
-    if show_progress:
-        import ray.util.queue
+    import ray.util.queue
 
-        steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
-        progress = Progress(queue.Queue() if local else ray.util.queue.Queue(), steps_total)
+    steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
+    progress = Progress(queue.Queue() if local else ray.util.queue.Queue(), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id),
-                           "progress": progress.q if progress else None, "local": local},
+                           "progress": progress.q, "local": local},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.name,
@@ -163,15 +165,15 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
         metrics = dict(result.metrics or {})
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
         metrics["mlflow_run_id"] = run_id
-        if metrics.get("stopped"):
-            raise TrainingStopped(metrics["stopped"])
+        progress.close()
+        if progress.stopped:
+            raise TrainingStopped(progress.stopped)
         status = "FINISHED"
         return metrics
     except ray.train.TrainingFailedError as err:
         raise TrainingStopped(f"training failed after {cfg.train.max_failures} restart(s): {_first_line(err)}") from err
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
         if run_id is not None:
             tracking.close_run(uri, run_id, status)
 
