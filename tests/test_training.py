@@ -332,6 +332,10 @@ def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, lo
 def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()
+    # Its own agent ports: the defaults are taken while another local Ray (the other tests') runs.
+    agent_ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                           "runtime-env-agent-port", "metrics-export-port",
+                                                           "ray-client-server-port")]
     # Ray turns token authentication on for a new head where a token exists (an earlier local
     # ray.init writes one); this loopback cluster runs without, as clusters behind their own
     # network controls do.
@@ -341,7 +345,7 @@ def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
     # --block keeps the head's processes in this process group, so stopping it stops only them
     # (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", *agent_ports,
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -356,9 +360,13 @@ def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
                 time.sleep(1)
         cfg = tiny_config(tmp_path, local_set, "submitted", **{"train.epochs": 1})
         config = write_config(tmp_path, cfg)
-        job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                              "python", "jobs/train.py", "--config", str(config)],
-                             env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(60):  # the head's job agent comes up a little after its dashboard
+            job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                                  "python", "jobs/train.py", "--config", str(config)],
+                                 env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr and "average mAP" in job.stdout
         assert any((tmp_path / "runs" / "submitted").glob("epoch0001-*/state"))

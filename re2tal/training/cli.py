@@ -106,18 +106,32 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    """One video -> its segments (seconds) as JSON."""
+    """One video -> its segments (seconds) as JSON, alone on stdout (libraries' logs go to stderr)."""
+    import contextlib
+
+    from re2tal.tracking import write_json
+
+    with contextlib.redirect_stdout(sys.stderr):
+        out = _predict_video(args)
+    if args.json:
+        write_json(out, args.json)
+    else:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def _predict_video(args: argparse.Namespace) -> dict:
     import torch
 
     from re2tal.data.annotations import Video, load_annotations
     from re2tal.data.dataset import batches, make_clip, plan_windows
     from re2tal.data.video import VideoError, VideoFile, VideoSource
+    import numpy as np
+
     from re2tal.errors import BadInput
-    from re2tal.tracking import write_json
     from re2tal.training.inference import label_names, load_weights, local_checkpoint, predict
     from re2tal.training.model import build_model
-
-    import numpy as np
 
     cfg: Config = args.cfg
     annotations = load_annotations(cfg.data, cfg.storage)  # the label map
@@ -137,13 +151,7 @@ def predict_command(args: argparse.Namespace) -> int:
     class_scores = _class_scores(cfg)
     submission = predict(model, batches(clips, cfg.data.batch_size), cfg, torch.device("cpu"),
                          label_names(cfg, annotations, class_scores), class_scores)
-    out = {"video": args.url, "duration": video.duration, "segments": submission["results"].get(name, [])}
-    if args.json:
-        write_json(out, args.json)
-    else:
-        json.dump(out, sys.stdout, indent=1)
-        print()
-    return 0
+    return {"video": args.url, "duration": video.duration, "segments": submission["results"].get(name, [])}
 
 
 def _class_scores(cfg: Config):
