@@ -128,11 +128,14 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
     assert validate({**logged, "storage": {}}).backbone == cfg.backbone
 
 
-def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_cluster, local_set, tmp_path):
+def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_cluster, local_set, tmp_path, monkeypatch):
     from re2tal.training.trainer import fit
 
-    first = fit(tiny_config(tmp_path, local_set, "again"))
-    longer = tiny_config(tmp_path, local_set, "again", **{"train.epochs": 3})
+    # relative paths, as in configs/debug.yaml: the workers run in another directory
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(local_set, tmp_path)
+    first = fit(tiny_config(tmp_path, relative, "again", **{"train.storage_path": "runs"}))
+    longer = tiny_config(tmp_path, relative, "again", **{"train.epochs": 3, "train.storage_path": "runs"})
     second = fit(longer)
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["step"] == 3 * STEPS_PER_EPOCH

@@ -98,6 +98,22 @@ class Progress:
         self.bar.close()
 
 
+PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with relative local paths made absolute against this (the driver's) working
+    directory: Ray Train workers run in a directory of their own."""
+    changes, tree = {}, cfg.to_dict()
+    for key in PATH_KEYS:
+        value = tree
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and protocol(value) == "file" and "://" not in value and not os.path.isabs(value):
+            changes[key] = str(Path(value).expanduser().resolve())
+    return cfg.with_overrides(changes) if changes else cfg
+
+
 def prepare(cfg: Config):
     """Checks that need the data, made before any worker starts: generates the synthetic set if
     configured and absent, reads the annotations, checks subsets and the class count."""
@@ -130,6 +146,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     from re2tal import tracking
     from re2tal.training.loop import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     annotations = prepare(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
