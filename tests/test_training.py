@@ -288,6 +288,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"{what} did not start")
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def mlflow_server(s3, tmp_path):
     port = _free_port()
@@ -298,16 +310,11 @@ def mlflow_server(s3, tmp_path):
                              "--port", str(port), "--workers", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
+    try:
+        wait_until_serving(f"{url}/health", proc, 120, "mlflow server")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     yield url
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn / uvicorn children
     try:
@@ -353,14 +360,7 @@ def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and head.poll() is None, "ray head did not start"
-                time.sleep(1)
+        wait_until_serving(f"{address}/api/version", head, 180, "ray head")
         cfg = tiny_config(tmp_path, local_set, "submitted", **{"train.epochs": 1})
         config = write_config(tmp_path, cfg)
         for _ in range(60):  # the head's job agent comes up a little after its dashboard
@@ -378,3 +378,28 @@ def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# a Ray Tune sweep: every trial is a training run with its own MLflow run, tagged with the sweep
+
+
+def test_tune_sweep_runs_each_trial_as_a_training_run(ray_cluster, local_set, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from re2tal.tracking import resolve_uri
+    from re2tal.tuning import SWEEP_TAG, sweep
+
+    monkeypatch.chdir(tmp_path)  # relative paths, as in configs/tune/augment.yaml
+    cfg = tiny_config(tmp_path, os.path.relpath(local_set, tmp_path), "sweep", **{
+        "train.epochs": 1, "train.num_workers": 1, "train.storage_path": "runs", "tracking.tracking_uri": "sqlite:///sweep.db",
+        "tune.name": "sweep", "tune.num_samples": 2, "tune.scheduler": "fifo",
+        "tune.space": {"augment.hflip": {"choice": [True, False]}}})
+    rows = sweep(cfg)
+    assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
+    assert all(0.0 <= r["average_mAP"] <= 1.0 and r["epoch"] == 1 for r in rows), rows
+    client = MlflowClient(resolve_uri("sqlite:///sweep.db"))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = 'sweep'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" and "average_mAP" in r.data.metrics for r in runs)
+    assert {r.data.params["augment.hflip"].lower() for r in runs} <= {"true", "false"}

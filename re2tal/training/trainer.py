@@ -102,9 +102,14 @@ PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with relative local paths made absolute against this (the driver's) working
-    directory: Ray Train workers run in a directory of their own."""
+    """The config with relative local paths (and a relative sqlite tracking URI) made absolute
+    against this (the driver's) working directory: Ray Train workers and Tune trials run in
+    directories of their own."""
+    from re2tal.tracking import resolve_uri
+
     changes, tree = {}, cfg.to_dict()
+    if resolve_uri(cfg.tracking.tracking_uri) != cfg.tracking.tracking_uri:
+        changes["tracking.tracking_uri"] = resolve_uri(cfg.tracking.tracking_uri)
     for key in PATH_KEYS:
         value = tree
         for part in key.split("."):
@@ -158,7 +163,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     import ray.util.queue
 
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
-    progress = Progress(queue.Queue() if local else ray.util.queue.Queue(), steps_total, draw=show_progress)
+    progress = Progress(queue.Queue() if local else ray.util.queue.Queue(actor_options={"num_cpus": 0}), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

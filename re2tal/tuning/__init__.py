@@ -9,6 +9,7 @@ sweep), and re-running the same sweep name resumes the sweep.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from re2tal.config import Config, SearchDim
@@ -50,8 +51,12 @@ def sweep(cfg: Config) -> list[dict[str, Any]]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from re2tal.training.trainer import init_ray, storage_for_ray
+    from re2tal.training.trainer import absolute_paths, init_ray, storage_for_ray
 
+    cfg = absolute_paths(cfg)  # trials run in directories of their own
+    # Every training report reaches Tune, but only evaluations carry tune.metric (ASHA skips the
+    # others); Tune would otherwise fail the trial at its first step report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not cfg.tune.space:
         from re2tal.errors import BadInput
 
@@ -62,8 +67,9 @@ def sweep(cfg: Config) -> list[dict[str, Any]]:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period_epochs)
     else:
         scheduler = FIFOScheduler()
-    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs / GPUs.
-    trainable = tune.with_parameters(tune.with_resources(_trial, {"CPU": 0}), base=cfg)
+    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs / GPUs (Tune
+    # refuses an empty resource request, hence a token 0.01 CPU).
+    trainable = tune.with_parameters(tune.with_resources(_trial, {"CPU": 0.01}), base=cfg)
     path = f"{storage_path.rstrip('/')}/{cfg.tune.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
