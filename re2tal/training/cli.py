@@ -122,13 +122,12 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def _predict_video(args: argparse.Namespace) -> dict:
+    import numpy as np
     import torch
 
     from re2tal.data.annotations import Video, load_annotations
     from re2tal.data.dataset import batches, make_clip, plan_windows
     from re2tal.data.video import VideoError, VideoFile, VideoSource
-    import numpy as np
-
     from re2tal.errors import BadInput
     from re2tal.training.inference import label_names, load_weights, local_checkpoint, predict
     from re2tal.training.model import build_model

@@ -92,9 +92,10 @@ class Progress:
                 self.bar.write(rec["text"])
 
     def close(self) -> None:
-        """Waits until every record put before is consumed."""
-        self.q.put(STOP)
-        self.thread.join(timeout=60)
+        """Waits until every record put before is consumed (once; later calls do nothing more)."""
+        if self.thread.is_alive():
+            self.q.put(STOP)
+            self.thread.join(timeout=60)
         self.bar.close()
 
 
@@ -145,6 +146,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     BadInput for bad inputs (before any worker starts) and TrainingStopped when the run cannot
     finish."""
     import ray.train
+    import ray.util.queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -160,8 +162,6 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, extra_tags)
-    import ray.util.queue
-
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
     progress = Progress(queue.Queue() if local else ray.util.queue.Queue(actor_options={"num_cpus": 0}), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
