@@ -288,6 +288,8 @@ class HeadConfig(Section):
     center_sample_radius: PositiveFloat = Field(1.5, description="Center sampling radius (in level strides).")
     reg_loss: Literal["diou", "giou"] = Field("diou", description="1-D IoU loss of the regression head.")
     reg_loss_weight: NonNegativeFloat = Field(1.0, description="Weight of the regression loss.")
+    frame_loss_weight: NonNegativeFloat = Field(0.0, description="Weight of an auxiliary per-time-step classification loss (cross-entropy over background + classes, a linear layer on the pooled backbone features). It bootstraps a backbone trained from scratch, which the detection losses alone barely move. 0: off.")
+    frame_loss_epochs: PositiveInt | None = Field(None, description="Epochs the frame loss is applied (from the first). Default: all.")
     focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Sigmoid focal loss alpha.")
     focal_gamma: NonNegativeFloat = Field(2.0, description="Sigmoid focal loss gamma.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the classification targets.")

@@ -218,6 +218,31 @@ def test_loss_normaliser_is_an_ema_in_the_state_dict():
     assert resumed.loss_norm.item() == pytest.approx(0.9 * 50 + 0.1 * num_pos)
 
 
+def test_frame_loss_labels_each_cell_and_stops_after_its_epochs_keeping_gradients():
+    from re2tal.detection.loss import frame_labels
+
+    labels = frame_labels(8, [torch.tensor([[1.0, 3.0], [5.2, 8.0]])], [torch.tensor([2, 0])], "cpu")
+    assert labels.tolist() == [[0, 3, 3, 0, 0, 1, 1, 1]]  # cell centres 0.5 .. 7.5
+
+    cfg = small_cfg(frame_loss_weight=0.5, frame_loss_epochs=2)
+    torch.manual_seed(0)
+    model, criterion = build_detector(cfg, 4), DetectionLoss(cfg)
+    segments, classes = [torch.tensor([[2.0, 6.0]])], [torch.tensor([1])]
+    out = model(torch.randn(1, 4, 8, 1, 1), torch.ones(1))
+    assert out.frame_logits.shape == (1, cfg.seq_len, cfg.num_classes + 1)
+    criterion.set_epoch(1)
+    losses = criterion(out, segments, classes)
+    expected = F.cross_entropy(out.frame_logits[0], frame_labels(cfg.seq_len, segments, classes, "cpu")[0])
+    assert losses["frame_loss"].item() == pytest.approx(expected.item())
+    assert losses["loss"].item() == pytest.approx((losses["cls_loss"] + losses["reg_loss"] + 0.5 * expected).item())
+    criterion.set_epoch(2)  # past frame_loss_epochs: weight 0, the layer still gets a (zero) gradient
+    losses = criterion(model(torch.randn(1, 4, 8, 1, 1), torch.ones(1)), segments, classes)
+    assert losses["loss"].item() == pytest.approx((losses["cls_loss"] + losses["reg_loss"]).item())
+    losses["loss"].backward()
+    assert model.frame_cls.weight.grad is not None and not model.frame_cls.weight.grad.any()
+    assert build_detector(small_cfg(), 4).frame_cls is None  # off by default
+
+
 def test_label_smoothing_raises_the_floor_of_the_classification_loss():
     cfg, smooth = small_cfg(), small_cfg(label_smoothing=0.1)
     model = build_detector(cfg, 4)

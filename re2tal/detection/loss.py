@@ -92,6 +92,14 @@ class DetectionLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("loss_norm", torch.tensor(float(cfg.init_loss_norm)))
+        self.frame_weight = cfg.frame_loss_weight
+
+    def set_epoch(self, epoch: int) -> None:
+        """The frame loss is applied in the first `frame_loss_epochs` epochs (0-based `epoch`).
+        After that its weight is 0 but it is still computed, so every parameter keeps a gradient
+        (DeepSpeed reduces gradients of all parameters)."""
+        limit = self.cfg.frame_loss_epochs
+        self.frame_weight = self.cfg.frame_loss_weight if limit is None or epoch < limit else 0.0
 
     def forward(self, out: DetectorOutput, gt_segments: list[torch.Tensor], gt_labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """out: the detector's output; gt_segments[b] (N_b, 2) grid units (`seconds_to_grid`),
@@ -122,4 +130,21 @@ class DetectionLoss(nn.Module):
         cls_loss = sigmoid_focal_loss(logits[valid], target, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="sum") / norm
         # sum over zero positives is 0 and keeps the graph connected
         reg_loss = iou_loss_1d(offsets[pos], reg_t[pos], cfg.reg_loss).sum() / norm
-        return {"loss": cls_loss + cfg.reg_loss_weight * reg_loss, "cls_loss": cls_loss, "reg_loss": reg_loss}
+        losses = {"loss": cls_loss + cfg.reg_loss_weight * reg_loss, "cls_loss": cls_loss, "reg_loss": reg_loss}
+        if out.frame_logits is not None:
+            labels = frame_labels(out.seq_len, gt_segments, gt_labels, out.frame_logits.device)
+            frame_valid = out.masks[0]
+            losses["frame_loss"] = F.cross_entropy(out.frame_logits.float()[frame_valid], labels[frame_valid])
+            losses["loss"] = losses["loss"] + self.frame_weight * losses["frame_loss"]
+        return losses
+
+
+def frame_labels(seq_len: int, gt_segments: list[torch.Tensor], gt_labels: list[torch.Tensor], device) -> torch.Tensor:
+    """(B, seq_len) class id + 1 of the segment covering each grid cell's centre, 0 for background
+    (the later segment where two overlap)."""
+    centres = torch.arange(seq_len, device=device, dtype=torch.float32) + 0.5
+    out = torch.zeros(len(gt_segments), seq_len, dtype=torch.long, device=device)
+    for b, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
+        for (a, e), c in zip(segments.to(device).float().tolist(), labels.tolist()):
+            out[b, (centres >= a) & (centres < e)] = int(c) + 1
+    return out

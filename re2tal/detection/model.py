@@ -39,6 +39,7 @@ class DetectorOutput(NamedTuple):
     points: list[torch.Tensor]
     strides: list[int]
     seq_len: int
+    frame_logits: torch.Tensor | None = None  # (B, L, K + 1), background first; with head.frame_loss_weight > 0
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Levels concatenated: logits (B, P, K), offsets (B, P, 2), mask (B, P), points (P,),
@@ -147,6 +148,7 @@ class Detector(nn.Module):
         self.reg_scales = nn.ModuleList(Scale() for _ in range(cfg.fpn_levels))
         # start every class at probability cls_prior_prob so the focal loss starts small (RetinaNet)
         nn.init.constant_(self.cls_head.out.conv.bias, -math.log((1 - cfg.cls_prior_prob) / cfg.cls_prior_prob))
+        self.frame_cls = nn.Linear(in_channels, cfg.num_classes + 1) if cfg.frame_loss_weight > 0 else None
 
     def forward(self, feats: torch.Tensor, valid: torch.Tensor) -> DetectorOutput:
         """feats (B, C, T', H', W') from the backbone; valid (B,) fraction of real frames."""
@@ -158,6 +160,7 @@ class Detector(nn.Module):
         mask = centres[None, :] <= valid.float()[:, None] + 1e-6
         mask[:, 0] = True  # every clip has at least one real position
         x = x * mask[..., None].to(x.dtype)
+        frame_logits = self.frame_cls(x) if self.frame_cls is not None else None
 
         for conv, norm in zip(self.embed, self.embed_norms):
             x = F.relu(norm(conv(x, mask)))
@@ -180,7 +183,7 @@ class Detector(nn.Module):
             offsets.append(F.relu(self.reg_scales[level](self.reg_head(f, m))))
             strides.append(2**level)
             points.append(torch.arange(f.shape[1], device=f.device, dtype=torch.float32) * 2**level)
-        return DetectorOutput(cls_logits, offsets, masks, points, strides, self.seq_len)
+        return DetectorOutput(cls_logits, offsets, masks, points, strides, self.seq_len, frame_logits)
 
 
 def sinusoid(length: int, dim: int) -> torch.Tensor:

@@ -134,6 +134,7 @@ class _Loop:
 
         cfg, engine, worker = self.cfg, self.engine, self.worker
         engine.train()
+        self.criterion.set_epoch(state.epoch)
         clips = waited = 0
         videos: set[str] = set()
         started = time.perf_counter()
