@@ -11,7 +11,7 @@ from re2tal.config import Config, load_config, parse_override, reference_markdow
 from re2tal.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
 MINIMAL = {"data": {"annotations": "s3://bucket/anet.json"}, "head": {"num_classes": 200}}
 
 
