@@ -108,13 +108,11 @@ def absolute_paths(cfg: Config) -> Config:
     directories of their own."""
     from re2tal.tracking import resolve_uri
 
-    changes, tree = {}, cfg.to_dict()
+    changes, flat = {}, cfg.flat()
     if resolve_uri(cfg.tracking.tracking_uri) != cfg.tracking.tracking_uri:
         changes["tracking.tracking_uri"] = resolve_uri(cfg.tracking.tracking_uri)
     for key in PATH_KEYS:
-        value = tree
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = flat[key]
         if isinstance(value, str) and protocol(value) == "file" and "://" not in value and not os.path.isabs(value):
             changes[key] = str(Path(value).expanduser().resolve())
     return cfg.with_overrides(changes) if changes else cfg
