@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
-        p.add_argument("--backbone", metavar="NAME", help="a backbone (e.g. swin_t, pst_t) instead of a synthetic stage")
+        p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, pst_t, slowfast_r50, slowfast_r101) instead of a synthetic stage")
         p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
         p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
         p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")

@@ -186,7 +186,10 @@ class AugmentConfig(Section):
 # model
 
 
-BackboneName = Literal["swin_t", "pst_t"]
+BackboneName = Literal["swin_t", "pst_t", "slowfast_r50", "slowfast_r101"]
+SWIN_FAMILY = ("swin_t", "pst_t")
+# blocks per stage of each backbone, when the config gives none
+DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "pst_t": [2, 2, 6, 2], "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3]}
 
 
 class PatchShiftConfig(Section):
@@ -200,19 +203,21 @@ class PatchShiftConfig(Section):
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone family: swin_t (Video Swin-T) or pst_t (Swin-T with temporal patch shift); with reversible=true, Re²Swin-T / Re²PST-T.")
+    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T), pst_t (Swin-T with temporal patch shift), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights: a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), loaded as is, classifier dropped; pst_t loads the same file. None: random init.")
-    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Stochastic depth rate (linearly increasing over blocks).")
-    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path (-1: none, 0: patch embedding, k: embedding + first k stages with the patch merging after each).")
-    norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
-    embed_dim: PositiveInt = Field(96, description="Channels of the first stage (Swin-T: 96).")
-    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage (Swin-T: 2-2-6-2).")
-    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="Attention heads per stage.")
-    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="Patch embedding size (T, H, W).")
-    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="Attention window (T, H, W).")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t / pst_t a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints). None: random init.")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="swin_t / pst_t: stochastic depth rate (linearly increasing over blocks).")
+    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
+    norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
+    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage. Default: the backbone's (swin_t / pst_t 2-2-6-2, slowfast_r50 3-4-6-3, slowfast_r101 3-4-23-3).")
+    embed_dim: PositiveInt = Field(96, description="swin_t / pst_t: channels of the first stage (Swin-T: 96).")
+    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_t / pst_t: attention heads per stage.")
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_t / pst_t: patch embedding size (T, H, W).")
+    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W).")
+    alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
+    fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: pytorchvideo's (r50: 7, r101: 5); mmaction's r101 uses 7.")
     patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift settings (pst_t only; default for pst_t: pattern C, alternate blocks, cyclic).")
     pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input (0-1 scale).")
     pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input.")
@@ -221,20 +226,30 @@ class BackboneConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_shift(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") == "pst_t" and data.get("patch_shift") is None:
+    def _family_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("name") == "pst_t" and data.get("patch_shift") is None:
             data = {**data, "patch_shift": {}}
+        if data.get("depths") is None and data.get("name") in DEFAULT_DEPTHS:
+            data = {**data, "depths": DEFAULT_DEPTHS[data["name"]]}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "BackboneConfig":
         if self.reversible and self.activation_checkpointing:
             raise ValueError("activation_checkpointing: cannot be combined with reversible=true (reversible stages already recompute activations)")
-        if len(self.depths) != len(self.num_heads):
-            raise ValueError(f"num_heads: has {len(self.num_heads)} entries but depths has {len(self.depths)}")
-        for i, heads in enumerate(self.num_heads):
-            if (self.embed_dim * 2**i) % heads:
-                raise ValueError(f"num_heads: stage {i} has {self.embed_dim * 2**i} channels, not divisible by {heads} heads")
+        if self.name in SWIN_FAMILY:
+            if len(self.depths) != len(self.num_heads):
+                raise ValueError(f"num_heads: has {len(self.num_heads)} entries but depths has {len(self.depths)}")
+            for i, heads in enumerate(self.num_heads):
+                if (self.embed_dim * 2**i) % heads:
+                    raise ValueError(f"num_heads: stage {i} has {self.embed_dim * 2**i} channels, not divisible by {heads} heads")
+        else:
+            if len(self.depths) != 4:
+                raise ValueError(f"depths: {self.name} has 4 stages (res2-res5), got {len(self.depths)}")
+            if self.fusion_kernel is not None and self.fusion_kernel % 2 == 0:
+                raise ValueError(f"fusion_kernel: must be odd, got {self.fusion_kernel}")
         if self.frozen_stages > len(self.depths):
             raise ValueError(f"frozen_stages: {self.frozen_stages} exceeds the {len(self.depths)} stages")
         if self.patch_shift is not None and self.name != "pst_t":
@@ -244,12 +259,17 @@ class BackboneConfig(Section):
     @property
     def temporal_stride(self) -> int:
         """Input frames per output feature step."""
-        return self.patch_size[0]
+        return self.patch_size[0] if self.name in SWIN_FAMILY else self.alpha
 
     @property
     def spatial_stride(self) -> int:
-        """Input pixels per output feature cell (patch size x 2 per patch merging)."""
-        return self.patch_size[1] * 2 ** (len(self.depths) - 1)
+        """Input pixels per output feature cell (patch size or stem stride 4, x 2 per later stage)."""
+        return (self.patch_size[1] if self.name in SWIN_FAMILY else 4) * 2 ** (len(self.depths) - 1)
+
+    @property
+    def resolved_fusion_kernel(self) -> int:
+        """slowfast_*: fusion_kernel, or pytorchvideo's for this depth when unset."""
+        return self.fusion_kernel or (5 if self.name == "slowfast_r101" else 7)
 
 
 class NmsConfig(Section):
@@ -488,9 +508,9 @@ class Config(Section):
     def _across_sections(self) -> "Config":
         d, b = self.data, self.backbone
         if d.num_frames % b.temporal_stride:
-            raise ValueError(f"data.num_frames: {d.num_frames} is not divisible by the backbone's temporal patch size {b.temporal_stride}")
+            raise ValueError(f"data.num_frames: {d.num_frames} is not divisible by the backbone's temporal stride {b.temporal_stride} ({b.name})")
         if d.frame_size % b.spatial_stride:
-            raise ValueError(f"data.frame_size: {d.frame_size} is not divisible by {b.spatial_stride} (patch size x patch merges of {b.name})")
+            raise ValueError(f"data.frame_size: {d.frame_size} is not divisible by {b.spatial_stride}, the spatial stride of {b.name}")
         if self.deepspeed.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("deepspeed.precision: fp16 needs a GPU (train.use_gpu=true); use bf16 or fp32 on CPU")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:

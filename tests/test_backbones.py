@@ -1,21 +1,23 @@
-"""Backbones: Video Swin-T and PST against torchvision's swin3d_t, weight loading, temporal patch
-shift, and Re² reversible rewiring (gradients equal to plain autograd, activations not kept)."""
+"""Backbones: Video Swin-T and PST against torchvision's swin3d_t, SlowFast against pytorchvideo's,
+weight loading, temporal patch shift, and Re² reversible rewiring (gradients equal to plain
+autograd, activations not kept)."""
 
 from __future__ import annotations
 
 import fsspec
 import pytest
 import torch
+from pytorchvideo.models.hub.slowfast import slowfast_r50, slowfast_r101
 from torchvision.models.video import swin3d_t
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
-from re2tal.backbones import PATTERNS, TemporalPatchShift, build_backbone
+from re2tal.backbones import PATTERNS, SlowFast, TemporalPatchShift, build_backbone
 from re2tal.backbones.build import CheckpointedSequential
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import SwinBlock, WindowAttention3d
 from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
-from re2tal.rev import RevStage
+from re2tal.rev import ReluIn, RevStage
 
 # The reduced Swin of the local debug mode.
 SMALL = dict(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=(8, 4, 4))
@@ -131,7 +133,7 @@ def test_bad_weight_files_name_key_and_file(tv_small_weights, tmp_path):
         save("missing.pth", {k: v for k, v in state.items() if k != "features.4.1.attn.qkv.weight"}): "missing key features.4.1.attn.qkv.weight",
         save("extra.pth", {**state, "features.9.weight": torch.zeros(1)}): "unexpected key features.9.weight",
         save("shape.pth", {**state, "norm.weight": torch.zeros(5)}): "norm.weight has shape [5], the model needs [192]",
-        save("wrapped.pth", {"state_dict": state}): "not a flat state dict of tensors",
+        save("nested.pth", {"weights": state}): "not a flat state dict of tensors",
     }
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -141,6 +143,9 @@ def test_bad_weight_files_name_key_and_file(tv_small_weights, tmp_path):
         with pytest.raises(BadInput) as err:
             build_backbone(cfg(name="swin_t", pretrained=path, **SMALL))
         assert message in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
+    # a training checkpoint holding the state dict under model_state / state_dict is unwrapped
+    model = build_backbone(cfg(name="swin_t", pretrained=save("ckpt.pth", {"model_state": state, "epoch": 3}), **SMALL))
+    assert torch.equal(model.state_dict()["norm.weight"], state["norm.weight"])
     # the config's sizes must match the file's too
     with pytest.raises(BadInput, match="relative_position_bias_table has shape"):
         build_backbone(cfg(name="swin_t", pretrained=str(tv_small_weights), **{**SMALL, "window_size": (4, 4, 4)}))
@@ -350,3 +355,135 @@ def test_blocks_expose_residual_functions():
     f1, f2 = block.residual_fns()
     h = x + f1(x)
     assert torch.equal(block(x), h + f2(h))
+
+
+# --------------------------------------------------------------------------------------------
+# SlowFast == pytorchvideo's, Re²SlowFast
+
+
+@pytest.fixture(scope="module")
+def pv_slowfast_r50(tmp_path_factory):
+    """pytorchvideo's SlowFast-R50 (random weights, seeded) and its checkpoint file, wrapped as
+    the model zoo's .pyth files are: {"model_state": state dict}."""
+    torch.manual_seed(0)
+    model = slowfast_r50(pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / "SLOWFAST_8x8_R50.pyth"
+    torch.save({"model_state": model.state_dict(), "epoch": 196}, path)
+    return model, path
+
+
+def pv_features(model, x, alpha=4):
+    """pytorchvideo's SlowFast up to res5 on (every alpha-th frame, every frame), in our output
+    form: slow features and fast ones averaged over alpha frames, concatenated."""
+    paths = [x[:, :, ::alpha], x]
+    for block in model.blocks[:5]:
+        paths = block(paths)
+    slow, fast = paths
+    return torch.cat([slow, torch.nn.functional.avg_pool3d(fast, (alpha, 1, 1))], 1)
+
+
+def test_slowfast_r50_equals_pytorchvideo_features(pv_slowfast_r50):
+    reference, path = pv_slowfast_r50
+    model = build_backbone(cfg(name="slowfast_r50", pretrained=str(path))).eval()
+    x = torch.randn(2, 3, 16, 64, 96)
+    with torch.no_grad():
+        ours, ref = model(x), pv_features(reference, x)
+    assert ours.shape == (2, 2304, 4, 2, 3) == ref.shape
+    assert (model.out_channels, model.temporal_stride, model.spatial_stride) == (2304, 4, 32)
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_pytorchvideo_slowfast_state_dicts_load_unrenamed(pv_slowfast_r50):
+    """Every key of the file but the classifier lands in the same-named tensor, standard and
+    reversible alike; R101 has the same key layout and shapes as pytorchvideo's (fusion kernel 5)."""
+    _, path = pv_slowfast_r50
+    expected = {k: v for k, v in torch.load(path, weights_only=True)["model_state"].items() if not k.startswith("blocks.6.")}
+    for reversible in (False, True):
+        state = build_backbone(cfg(name="slowfast_r50", reversible=reversible, pretrained=str(path))).state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    with torch.device("meta"):
+        r101 = {k: v.shape for k, v in slowfast_r101(pretrained=False).state_dict().items() if not k.startswith("blocks.6.")}
+        ours = build_backbone(cfg(name="slowfast_r101", reversible=True))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == r101
+    assert sum(len(s) for s in ours.modules() if isinstance(s, RevStage)) == 2 * (3 + 4 + 23 + 3)
+
+
+def test_re2_slowfast_is_relu_in_rewired_and_gradients_equal_vanilla_autograd():
+    """Each stage keeps its projecting first block; blocks 1.. become x + ReLU(F(x)) in a
+    reversible stage, whose backward gives plain autograd's gradients. BatchNorm statistics are
+    updated once per forward, not again by the recomputation."""
+    torch.manual_seed(0)
+    model = build_backbone(cfg(name="slowfast_r50", reversible=True, depths=[2, 2, 3, 2])).train()
+    stage = model.blocks[3].multipathway_blocks[1].res_blocks
+    assert isinstance(stage, RevStage) and stage.lead == 1
+    assert not isinstance(stage[0], ReluIn) and all(isinstance(b, ReluIn) for b in stage.reversible_blocks())
+    x = torch.randn(2, 3, 16, 64, 64)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    results, stats = {}, {}
+    for vanilla in (True, False):
+        model.load_state_dict(initial)
+        set_vanilla(model, vanilla)
+        results[vanilla] = loss_grads(model, x)
+        stats[vanilla] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    (yv, xv, pv), (yr, xr, pr) = results[True], results[False]
+    assert torch.allclose(yr, yv, atol=1e-5 * yv.abs().max().item())
+    assert pr.keys() == pv.keys() == {k for k, p in model.named_parameters()}
+    assert rel(xr, xv) <= 1e-4 and max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
+    assert all(torch.equal(stats[True][k], stats[False][k]) for k in stats[True])
+    assert not torch.equal(stats[False]["blocks.3.multipathway_blocks.1.res_blocks.1.branch2.norm_a.running_mean"],
+                           initial["blocks.3.multipathway_blocks.1.res_blocks.1.branch2.norm_a.running_mean"])
+
+
+def test_re2_slowfast_keeps_no_block_activations_and_checkpointing_keeps_gradients_and_statistics():
+    x = torch.randn(1, 3, 16, 64, 64)
+    kept = {}
+    for reversible in (False, True):
+        for depth in (2, 5):
+            model = build_backbone(cfg(name="slowfast_r50", reversible=reversible, depths=[1, 2, depth, 1])).train()
+            kept[reversible, depth] = saved_bytes(model, x)
+    assert kept[False, 5] > kept[False, 2] * 1.2
+    assert kept[True, 5] == kept[True, 2] < kept[False, 2]
+    torch.manual_seed(0)
+    std = build_backbone(cfg(name="slowfast_r50", depths=[1, 2, 2, 1])).train()
+    ckpt = build_backbone(cfg(name="slowfast_r50", depths=[1, 2, 2, 1], activation_checkpointing=True)).train()
+    assert isinstance(ckpt.blocks[3].multipathway_blocks[0].res_blocks, CheckpointedSequential)
+    ckpt.load_state_dict(std.state_dict())
+    x = torch.randn(1, 3, 16, 64, 64)
+    (ys, xs, ps), (yc, xc, pc) = loss_grads(std, x), loss_grads(ckpt, x)
+    assert torch.allclose(ys, yc, atol=1e-6) and rel(xc, xs) <= 1e-5 and max(rel(pc[k], ps[k]) for k in ps) <= 1e-5
+    # the recomputation does not update BatchNorm statistics a second time
+    stats = [k for k in std.state_dict() if k.endswith(("running_mean", "num_batches_tracked"))]
+    assert all(torch.allclose(ckpt.state_dict()[k], std.state_dict()[k], atol=1e-6) for k in stats)
+    assert std.state_dict()["blocks.1.multipathway_blocks.0.res_blocks.0.branch1_norm.num_batches_tracked"] == 1
+
+
+def test_slowfast_frozen_stages_and_norm_eval():
+    """frozen_stages=1: stems, res2 and the fusions after them train nothing; norm_eval keeps every
+    BatchNorm's statistics through a training forward."""
+    model = build_backbone(cfg(name="slowfast_r50", reversible=True, depths=[1, 2, 2, 2], frozen_stages=1, norm_eval=True)).train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("blocks.0.", "blocks.1."))}
+    assert not model.blocks[1].training and model.blocks[2].training
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert norms and not any(m.training for m in norms)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, _, grads = loss_grads(model, torch.randn(1, 3, 8, 64, 64))
+    assert grads and not any(k.startswith(("blocks.0.", "blocks.1.")) for k in grads)
+    assert "blocks.2.multipathway_blocks.0.res_blocks.1.branch2.conv_a.weight" in grads
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_slowfast_config_defaults_and_checks():
+    r101 = BackboneConfig(name="slowfast_r101")
+    assert (r101.depths, r101.temporal_stride, r101.spatial_stride, r101.resolved_fusion_kernel) == ([3, 4, 23, 3], 4, 32, 5)
+    r50 = BackboneConfig(name="slowfast_r50", alpha=8, fusion_kernel=9)
+    assert (r50.depths, r50.temporal_stride, r50.resolved_fusion_kernel) == ([3, 4, 6, 3], 8, 9)
+    assert BackboneConfig(name="swin_t").depths == [2, 2, 6, 2]
+    with pytest.raises(ValueError, match="depths: slowfast_r50 has 4 stages"):
+        BackboneConfig(name="slowfast_r50", depths=[2, 2, 2])
+    with pytest.raises(ValueError, match="fusion_kernel: must be odd"):
+        BackboneConfig(name="slowfast_r50", fusion_kernel=4)
+    model = build_backbone(cfg(name="slowfast_r50", alpha=8, fusion_kernel=9, depths=[1, 1, 1, 1])).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 16, 32, 32)).shape == (1, 2304, 2, 1, 1)

@@ -169,6 +169,24 @@ def test_stage_rejects_empty_block_list_and_blocks_without_residual_fns():
         RevStage([OneBranchBlock(), nn.Linear(2, 2)])
 
 
+def test_leading_blocks_run_ordinarily_keep_their_keys_and_get_exact_gradients():
+    """lead=1: a shape-changing first block (a ResNet stage's strided one) runs before the
+    reversible part; keys stay those of nn.Sequential and gradients those of plain autograd."""
+    torch.manual_seed(0)
+    blocks = [nn.Linear(8, WIDTH), TwoBranchBlock(), OneBranchBlock()]
+    stage = RevStage(blocks, lead=1)
+    assert list(stage.state_dict()) == list(nn.Sequential(*blocks).state_dict())
+    assert stage.reversible_blocks() == blocks[1:]
+    x, _ = inputs(shape=(4, 3, 5, 8))
+    dy = torch.randn(4, 3, 5, WIDTH)
+    fast, vanilla = run(stage, x, dy, vanilla=False), run(stage, x, dy, vanilla=True)
+    assert torch.allclose(fast[0], vanilla[0], atol=1e-6)
+    assert fast[2][0] is not None  # the leading block's weight trains
+    assert max_relative_error([fast[1], *fast[2]], [vanilla[1], *vanilla[2]]) <= 1e-5
+    with pytest.raises(ValueError, match="at least one block after the 1 leading"):
+        RevStage([nn.Linear(8, WIDTH)], lead=1)
+
+
 def test_output_keeps_input_dtype_and_shape_with_fp32_streams():
     stage = make_stage(2).to(torch.bfloat16)
     x = torch.randn(2, 3, WIDTH, dtype=torch.bfloat16, requires_grad=True)

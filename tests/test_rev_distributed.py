@@ -129,3 +129,40 @@ def test_deepspeed_bf16_engine_runs_reversible_stage_with_gradients_close_to_fp3
     for step in range(STEPS):
         assert all(torch.isfinite(g).all() for g in got[step])
         assert max_relative_error(got[step], want[step]) <= 0.1, f"step {step}"
+
+
+def batchnorm_worker(rank: int, port: int, out_dir: str) -> None:
+    """A Re²SlowFast whose BatchNorm statistics moved on this rank's own batch, then averaged."""
+    import torch.distributed as dist
+
+    from re2tal.backbones import build_backbone
+    from re2tal.config import BackboneConfig
+    from re2tal.training.distributed import Worker, average_batchnorm_statistics
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="slowfast_r50", reversible=True, depths=[1, 2, 1, 1])).train()
+    torch.manual_seed(rank)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 8, 32, 32) * (rank + 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = {k: v.clone() * 2 for k, v in before.items() if v.is_floating_point()}  # an EMA's copy
+    average_batchnorm_statistics(model, Worker(rank, WORLD, rank, torch.device("cpu")), shadow)
+    torch.save({"before": before, "after": model.state_dict(), "shadow": shadow}, os.path.join(out_dir, f"bn{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_are_averaged_over_workers(tmp_path):
+    """What the training loop does after each epoch: every worker ends with the mean of the
+    workers' running statistics (in the model and the EMA), and nothing else changes."""
+    mp.spawn(batchnorm_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"bn{r}.pt") for r in range(WORLD)]
+    stats = [k for k in ranks[0]["before"] if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 50 and not torch.equal(ranks[0]["before"][stats[0]], ranks[1]["before"][stats[0]])
+    for k, v in ranks[0]["before"].items():
+        mean = (ranks[0]["before"][k] + ranks[1]["before"][k]) / 2 if k in stats else v
+        for r in ranks:
+            assert torch.allclose(r["after"][k], mean, rtol=1e-6, atol=1e-7), k
+            if k in r["shadow"]:
+                assert torch.allclose(r["shadow"][k], 2 * mean if k in stats else 2 * r["before"][k], rtol=1e-6, atol=1e-7), k

@@ -1,5 +1,5 @@
-"""Video backbones: Video Swin-T and PST (Swin-T + temporal patch shift), standard or Re²
-reversible. `build_backbone(cfg.backbone)` is the entry point."""
+"""Video backbones: Video Swin-T, PST (Swin-T + temporal patch shift) and SlowFast-R50 / R101,
+standard or Re² reversible. `build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
     apply_activation_checkpointing,
@@ -9,11 +9,15 @@ from re2tal.backbones.build import (
     build_backbone,
     load_pretrained,
 )
+from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import PATTERNS, TemporalPatchShift
+from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
 
 __all__ = [
     "PATTERNS",
+    "Backbone",
+    "SlowFast",
     "SwinBlock",
     "SwinTransformer3d",
     "TemporalPatchShift",

@@ -13,21 +13,22 @@ import pickle
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
 
+from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
+from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinTransformer3d
 from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig
 from re2tal.data.storage import filesystem
 from re2tal.errors import BadInput
-from re2tal.rev import RevStage
+from re2tal.rev import RevStage, checkpointed
 
-# torchvision swin3d_t's classifier: dropped by name, every other key must match.
-CLASSIFIER_KEYS = ("head.weight", "head.bias")
+# keys under which checkpoint files hold the model's state dict
+WRAPPER_KEYS = ("model_state", "state_dict", "model")
 
 
-def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) -> nn.Module:
+def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) -> Backbone:
     """A backbone mapping (B, 3, T, H, W) normalised clips to (B, C, T', H', W') features, with
     attributes out_channels, temporal_stride, spatial_stride. `storage` configures fsspec for
     an object-storage `cfg.pretrained` URL."""
@@ -39,6 +40,8 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                 model = swin(cfg, patch_shift=None)
             case "pst_t":
                 model = swin(cfg, patch_shift=cfg.patch_shift or PatchShiftConfig())
+            case "slowfast_r50" | "slowfast_r101":
+                model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, fusion_kernel=cfg.resolved_fusion_kernel)
             case _:
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
     if cfg.pretrained is not None:
@@ -70,9 +73,11 @@ def swin(cfg: BackboneConfig, patch_shift: PatchShiftConfig | None) -> SwinTrans
 # weights
 
 
-def load_pretrained(model: nn.Module, url: str, storage: StorageConfig | None = None) -> None:
-    """Load a torchvision swin3d_t-layout state dict from a path or fsspec URL into `model` (on
-    CPU or the meta device; tensors are replaced by the file's, in the model's dtypes).
+def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = None) -> None:
+    """Load a state dict in the model's checkpoint layout (`model.LAYOUT`) from a path or fsspec
+    URL into `model` (on CPU or the meta device; tensors are replaced by the file's, in the
+    model's dtypes). A file holding {"model_state" | "state_dict" | "model": state dict, ...} is
+    unwrapped.
 
     The classifier keys are dropped by name; any other missing or unexpected key or shape
     mismatch is BadInput naming the key and the file."""
@@ -86,9 +91,11 @@ def load_pretrained(model: nn.Module, url: str, storage: StorageConfig | None = 
         raise BadInput(f"backbone.pretrained: {url} is not a torch state dict ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     except OSError as err:
         raise BadInput(f"backbone.pretrained: cannot read {url} ({err.strerror or err})") from None
+    if isinstance(state, dict):  # training checkpoints wrap it (pytorchvideo's .pyth: model_state)
+        state = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors (expected torchvision swin3d_t layout)")
-    state = {k: v for k, v in state.items() if k not in CLASSIFIER_KEYS}
+        raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors (expected {model.LAYOUT} layout)")
+    state = {k: v for k, v in state.items() if k not in model.CLASSIFIER_KEYS}
     expected = model.state_dict()
     problems = [f"missing key {k}" for k in expected if k not in state]
     problems += [f"unexpected key {k}" for k in state if k not in expected]
@@ -96,7 +103,7 @@ def load_pretrained(model: nn.Module, url: str, storage: StorageConfig | None = 
                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise BadInput(f"backbone.pretrained: {url}: {'; '.join(problems[:3])}{more}; expected torchvision swin3d_t layout with this config's sizes")
+        raise BadInput(f"backbone.pretrained: {url}: {'; '.join(problems[:3])}{more}; expected {model.LAYOUT} layout with this config's sizes")
     # assign: the model may live on the meta device (see build_backbone); keep its dtypes.
     state = {k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -106,55 +113,60 @@ def load_pretrained(model: nn.Module, url: str, storage: StorageConfig | None = 
 # how the model runs
 
 
-def apply_reversible(model: SwinTransformer3d, fp32_streams: bool = True) -> None:
-    """Rewire every block stage into a reversible RevStage (Re²); patch embedding and patch
-    merging stay ordinary. Parameters and state-dict keys are unchanged."""
-    for i in model.stage_blocks():
-        stage = model.features[i]
-        if not isinstance(stage, nn.Sequential):
-            raise ValueError(f"apply_reversible: features.{i} is already a {type(stage).__name__}")
-        model.features[i] = RevStage(list(stage), fp32_streams=fp32_streams)
+def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
+    """Rewire every residual stage into a reversible RevStage (Re²): a stage's leading blocks
+    that change shape stay ordinary (checkpointed), post-activation blocks go through ReLU-in;
+    stems, patch embedding / merging and fusions are untouched. Parameters and state-dict keys
+    are unchanged."""
+    for parent, name, lead in model.residual_stages():
+        stage = getattr(parent, name)
+        if type(stage) is not nn.Sequential:
+            raise ValueError(f"apply_reversible: {name} is already a {type(stage).__name__}")
+        if len(stage) > lead:  # a stage of only shape-changing blocks has nothing to rewire
+            blocks = list(stage[:lead]) + [model.reversible_block(b) for b in stage[lead:]]
+            setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams))
 
 
 class CheckpointedSequential(nn.Sequential):
     """nn.Sequential whose blocks run under non-reentrant activation checkpointing when grads
     are needed: only each block's input is kept, the rest is recomputed in backward (RNG state
-    replayed, so drop path matches). Same state-dict keys as nn.Sequential."""
+    replayed, so drop path matches; BatchNorm statistics updated once). Same state-dict keys as
+    nn.Sequential."""
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = checkpoint(block, x, use_reentrant=False) if torch.is_grad_enabled() else block(x)
+            x = checkpointed(block, x) if torch.is_grad_enabled() else block(x)
         return x
 
 
-def apply_activation_checkpointing(model: SwinTransformer3d) -> None:
-    """Per-block activation checkpointing (torch.utils.checkpoint) in every block stage."""
-    for i in model.stage_blocks():
-        stage = model.features[i]
+def apply_activation_checkpointing(model: Backbone) -> None:
+    """Per-block activation checkpointing (torch.utils.checkpoint) in every residual stage."""
+    for parent, name, _ in model.residual_stages():
+        stage = getattr(parent, name)
         if type(stage) is not nn.Sequential:
-            raise ValueError(f"apply_activation_checkpointing: features.{i} is already a {type(stage).__name__}")
-        model.features[i] = CheckpointedSequential(*stage)
+            raise ValueError(f"apply_activation_checkpointing: {name} is already a {type(stage).__name__}")
+        setattr(parent, name, CheckpointedSequential(*stage))
 
 
-def apply_frozen_stages(model: SwinTransformer3d, frozen_stages: int) -> None:
-    """As mmaction / OpenTAD: 0 freezes the patch embedding, k >= 1 also the first k stages (their
-    blocks and the patch merging after them). Frozen parts get no gradients and stay in eval mode
-    (no drop path there) through `model.train()`. -1: nothing."""
+def apply_frozen_stages(model: Backbone, frozen_stages: int) -> None:
+    """As mmaction / OpenTAD: 0 freezes the stem (patch embedding), k >= 1 also the first k
+    stages (with the patch merging / fusion after them). Frozen parts get no gradients and stay
+    in eval mode (no drop path, BatchNorm statistics fixed) through `model.train()`. -1: nothing."""
     if frozen_stages < 0:
         return
-    # stage s = features[2 s] (blocks) + features[2 s + 1] (the merge after it, if any)
-    names = ["patch_embed"] + [f"features.{i}" for i in range(min(2 * frozen_stages, len(model.features)))]
+    names = model.frozen_modules(frozen_stages)
     for name in names:
         model.get_submodule(name).requires_grad_(False)
     model.eval_modules += names
     model.train(model.training)
 
 
-def apply_norm_eval(model: SwinTransformer3d) -> None:
-    """Keep BatchNorm layers in eval mode (running statistics frozen) during training.
+def apply_norm_eval(model: Backbone) -> None:
+    """Keep BatchNorm layers in eval mode (running statistics frozen) during training, as
+    OpenTAD does when fine-tuning SlowFast on batches of 1-2 long videos.
 
     Only BatchNorm behaves differently in train and eval; LayerNorm (all of Swin / PST) does not,
-    so for these backbones this changes nothing. It is accepted rather than rejected so that one
+    so for those backbones this changes nothing. It is accepted rather than rejected so that one
     config key means the same across backbone families."""
     model.eval_modules += [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     model.train(model.training)

@@ -27,6 +27,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.video.swin_transformer import PatchEmbed3d
 from torchvision.ops import MLP, StochasticDepth
 
+from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
 
@@ -183,7 +184,7 @@ class SwinBlock(nn.Module):
         return x + self.mlp_branch(x)
 
 
-class SwinTransformer3d(nn.Module):
+class SwinTransformer3d(Backbone):
     """Video Swin backbone: (B, 3, T, H, W) -> (B, C, T / pt, H / (ph * 2^(S-1)), W / ...),
     channels-first after the final LayerNorm, C = embed_dim * 2^(S-1) for S stages.
 
@@ -191,10 +192,10 @@ class SwinTransformer3d(nn.Module):
     merge, ...], norm. Stage s's blocks are `features[2 s]` (an nn.Sequential, rewired in place by
     apply_reversible / apply_activation_checkpointing). Blocks with odd index in a stage use
     shifted windows. `patch_shift(stage, block)` gives the TPS module of a block or None.
-
-    `eval_modules`: names of submodules kept in eval mode by `train()` (frozen stages: no drop
-    path there), filled from outside by apply_frozen_stages / apply_norm_eval.
     """
+
+    LAYOUT = "torchvision swin3d_t"
+    CLASSIFIER_KEYS = ("head.weight", "head.bias")
 
     def __init__(self, patch_size: Triple = (2, 4, 4), embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: Triple = (8, 7, 7), drop_path: float = 0.1,
@@ -223,7 +224,6 @@ class SwinTransformer3d(nn.Module):
         self.temporal_stride = patch_size[0]
         self.spatial_stride = patch_size[1] * 2 ** (len(depths) - 1)
         self.num_stages = len(depths)
-        self.eval_modules: list[str] = []
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -234,13 +234,14 @@ class SwinTransformer3d(nn.Module):
         """Indices into `features` of the block stages."""
         return list(range(0, len(self.features), 2))
 
+    def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
+        return [(self.features, str(i), 0) for i in self.stage_blocks()]
+
+    def frozen_modules(self, stages: int) -> list[str]:
+        # stage s = features[2 s] (blocks) + features[2 s + 1] (the merge after it, if any)
+        return ["patch_embed"] + [f"features.{i}" for i in range(min(2 * stages, len(self.features)))]
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)  # B, T', H', W', C
         x = self.features(x)
         return self.norm(x).permute(0, 4, 1, 2, 3)
-
-    def train(self, mode: bool = True) -> "SwinTransformer3d":
-        super().train(mode)
-        for name in self.eval_modules:
-            self.get_submodule(name).eval()
-        return self

@@ -393,7 +393,7 @@ def recording_inputs(model: nn.Module) -> Iterator["InputLog"]:
     stages = [m for m in model.modules() if isinstance(m, RevStage)]
     originals = [dict(stage._modules) for stage in stages]
     for s, (stage, blocks) in enumerate(zip(stages, originals)):
-        for name, block in blocks.items():
+        for name, block in list(blocks.items())[stage.lead:]:  # leading blocks run as they are
             stage._modules[name] = _Recorded(block, log, (s, name))
     try:
         yield log

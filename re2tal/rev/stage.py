@@ -12,12 +12,13 @@ they are. All tensors here have the stage's activation shape, e.g. (B, T, H, W, 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 ResidualFn = Callable[[Tensor], Tensor]
 
@@ -31,6 +32,11 @@ class RevStage(nn.Module):
     registered as children "0", "1", ..., so state-dict keys equal those of
     `nn.Sequential(*blocks)`.
 
+    lead: the first `lead` blocks run ordinarily before the reversible part and need no
+    `residual_fns()` (a ResNet stage's first block changes channels and stride, so it cannot be
+    inverted); they keep their place, so the keys are still those of `nn.Sequential(*blocks)`.
+    They run under activation checkpointing (`checkpointed`): only their input is kept.
+
     fp32_streams: keep the two streams in fp32 when the input or the autocast precision is lower
     (F_i still run in low precision); False keeps them in the compute precision (autocast dtype if
     autocast is on, else the input dtype), which halves the two saved tensors but lets
@@ -42,8 +48,8 @@ class RevStage(nn.Module):
     paths, so dropout / drop-path masks are the same in the forward, the recomputation and the
     vanilla path, and other code's random stream only ever moves by that one draw.
 
-    Memory: kept for backward are the output y and b_n (a_n = 2 y - b_n), or a_n and b_n when y
-    is in a lower precision than the streams; so a next layer that keeps y shares it, and the
+    Memory: kept for backward are the leading blocks' input, the output y and b_n
+    (a_n = 2 y - b_n), or a_n and b_n when y is in a lower precision than the streams; so a next layer that keeps y shares it, and the
     stage must not be followed by an in-place change of y (autograd would report it).
 
     Limitations: parameter gradients are accumulated into `.grad` by a nested
@@ -52,15 +58,16 @@ class RevStage(nn.Module):
     `find_unused_parameters=False` (the default).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], *, fp32_streams: bool = True):
+    def __init__(self, blocks: Sequence[nn.Module], *, lead: int = 0, fp32_streams: bool = True):
         super().__init__()
         blocks = list(blocks)
-        if not blocks:
-            raise ValueError("RevStage: needs at least one block")
+        if not 0 <= lead < len(blocks):
+            raise ValueError(f"RevStage: needs at least one block after the {lead} leading ones, got {len(blocks)}")
         for i, block in enumerate(blocks):
-            if not callable(getattr(block, "residual_fns", None)):
+            if i >= lead and not callable(getattr(block, "residual_fns", None)):
                 raise TypeError(f"RevStage: block {i} ({type(block).__name__}) has no residual_fns() method")
             self.add_module(str(i), block)
+        self.lead = lead
         self.fp32_streams = fp32_streams
         self.vanilla = False
 
@@ -73,28 +80,36 @@ class RevStage(nn.Module):
     def __getitem__(self, i: int) -> nn.Module:
         return list(self._modules.values())[i]
 
+    def reversible_blocks(self) -> list[nn.Module]:
+        """The blocks after the leading ordinary ones."""
+        return list(self)[self.lead:]
+
     def residual_fns(self) -> list[ResidualFn]:
-        """F_1..F_n of the whole stage, in order."""
-        return [fn for block in self for fn in block.residual_fns()]
+        """F_1..F_n of the reversible part, in order."""
+        return [fn for block in self.reversible_blocks() for fn in block.residual_fns()]
 
     def extra_repr(self) -> str:
-        return f"fp32_streams={self.fp32_streams}"
+        return f"lead={self.lead}, fp32_streams={self.fp32_streams}"
 
     def forward(self, x: Tensor) -> Tensor:
-        """(a_n + b_n) / 2 after n steps from a_0 = b_0 = x; same shape and dtype as x."""
+        """The leading blocks, then (a_n + b_n) / 2 after n steps from a_0 = b_0 = their output;
+        the reversible part keeps shape and dtype."""
+        for block in list(self)[:self.lead]:
+            x = checkpointed(block, x) if torch.is_grad_enabled() and not self.vanilla else block(x)
         fns = self.residual_fns()
         spec = _Precision.of(x, self.fp32_streams)
         seed = _draw_seed() if self.training else None
         if self.vanilla:
             return spec.output(*_streams(fns, x, spec, seed))
-        params_need_grad = any(p.requires_grad for p in self.parameters())
+        rev = self.reversible_blocks()
+        params_need_grad = any(p.requires_grad for block in rev for p in block.parameters())
         if not torch.is_grad_enabled() or not (x.requires_grad or params_need_grad):
             with torch.no_grad():
                 return spec.output(*_streams(fns, x, spec, seed))
         # Function.apply only builds a graph node when an input requires grad; a stage whose
         # input is constant (frozen stem) but whose parameters train needs one anyway.
         anchor = x.new_empty(0, requires_grad=True) if not x.requires_grad else None
-        return _RevFunction.apply(x, anchor, self, fns, spec, seed)
+        return _RevFunction.apply(x, anchor, rev, fns, spec, seed)
 
 
 class _Precision:
@@ -169,7 +184,7 @@ class _RevFunction(torch.autograd.Function):
     input and back-propagating through F_i once."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, anchor: Tensor | None, stage: RevStage, fns: list[ResidualFn],
+    def forward(ctx, x: Tensor, anchor: Tensor | None, blocks: list[nn.Module], fns: list[ResidualFn],
                 spec: _Precision, seed: int | None) -> Tensor:
         a, b = _streams(fns, x, spec, seed)
         y = spec.output(a, b)
@@ -180,7 +195,7 @@ class _RevFunction(torch.autograd.Function):
         # Every tensor kept goes through save_for_backward so saved-tensor hooks (offloading, the
         # memory benchmark) see it; ctx attributes hold only non-tensor metadata.
         ctx.save_for_backward(y if ctx.from_output else a, b)
-        ctx.stage, ctx.fns, ctx.spec, ctx.seed = stage, fns, spec, seed
+        ctx.blocks, ctx.fns, ctx.spec, ctx.seed = blocks, fns, spec, seed
         return y
 
     @staticmethod
@@ -192,7 +207,7 @@ class _RevFunction(torch.autograd.Function):
             a = torch.sub(a * 2, b)  # a_n = 2 y - b_n
         fns, spec = ctx.fns, ctx.spec
         ga = gb = dy.to(spec.stream) * 0.5
-        with _rng_substreams(spec.device, ctx.seed) as select, _running_stats_kept(ctx.stage), spec.autocast_ctx():
+        with _rng_substreams(spec.device, ctx.seed) as select, running_stats_kept(ctx.blocks), spec.autocast_ctx():
             for i in reversed(range(len(fns))):
                 select(i)
                 z = a.detach().requires_grad_()
@@ -214,13 +229,22 @@ class _RevFunction(torch.autograd.Function):
 
 
 @contextmanager
-def _running_stats_kept(stage: nn.Module) -> Iterator[None]:
-    """Restore BatchNorm running statistics after the recomputation, which would otherwise
-    update them a second time per forward."""
-    norms = [m for m in stage.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+def running_stats_kept(blocks: Sequence[nn.Module]) -> Iterator[None]:
+    """Restore the blocks' BatchNorm running statistics on exit, also by an exception (torch's
+    checkpoint stops a recomputation early by raising): around a recomputation, which would
+    otherwise update them a second time per forward."""
+    norms = [m for block in blocks for m in block.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     saved = [[buf.clone() for buf in m.buffers(recurse=False)] for m in norms]
-    yield
-    with torch.no_grad():
-        for m, values in zip(norms, saved):
-            for buf, value in zip(m.buffers(recurse=False), values):
-                buf.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, values in zip(norms, saved):
+                for buf, value in zip(m.buffers(recurse=False), values):
+                    buf.copy_(value)
+
+
+def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) keeping only x for backward: non-reentrant activation checkpointing (RNG
+    replayed), whose recomputation leaves the BatchNorm running statistics as the forward did."""
+    return checkpoint(module, x, use_reentrant=False, context_fn=lambda: (nullcontext(), running_stats_kept([module])))

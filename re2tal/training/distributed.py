@@ -1,5 +1,5 @@
 """Distributed setup in one place: rank, world size, device, threads, seeds, and the few
-collectives the training loop needs (max over workers, gather to rank 0)."""
+collectives the training loop needs (max over workers, gather to rank 0, buffer averaging)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from re2tal.config import Config
 
@@ -96,6 +98,22 @@ def all_sum(value: float, worker: Worker) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=worker.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
+
+
+def average_batchnorm_statistics(model: nn.Module, worker: Worker, shadow: dict[str, torch.Tensor] | None = None) -> None:
+    """Average the BatchNorm running statistics of `model` over workers, in place, and the
+    same-named entries of `shadow` (an EMA's). Each worker's batches move its own copy and
+    DeepSpeed does not synchronise buffers (DDP would broadcast rank 0's)."""
+    if worker.world_size == 1:
+        return
+    names = [f"{prefix}.{n}" for prefix, m in model.named_modules() if isinstance(m, _BatchNorm)
+             for n, b in m.named_buffers(recurse=False) if b.is_floating_point()]
+    buffers = dict(model.named_buffers())
+    tensors = [buffers[n] for n in names] + [shadow[n] for n in names if shadow is not None and n in shadow]
+    for t in tensors:
+        total = t.detach().float()
+        dist.all_reduce(total)
+        t.detach().copy_(total / worker.world_size)
 
 
 def gather_to_main(obj: Any, worker: Worker) -> list[Any] | None:

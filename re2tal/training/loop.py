@@ -117,6 +117,8 @@ class _Loop:
             throughput = self.train_epoch(state)
             if throughput is None:
                 return  # stopped (non-finite loss), already reported
+            # every worker must evaluate, and rank 0 checkpoint, the same model
+            dist_utils.average_batchnorm_statistics(self.engine.module, self.worker, self.ema.shadow if self.ema else None)
             last = state.epoch == cfg.train.epochs - 1
             metrics = throughput | {"epoch": state.epoch + 1, "step": state.step}
             if last or (state.epoch + 1) % cfg.train.eval_every_epochs == 0:

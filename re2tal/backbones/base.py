@@ -1,0 +1,43 @@
+"""What build_backbone needs of a backbone model, whatever its family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """A video backbone (B, 3, T, H, W) -> (B, out_channels, T / temporal_stride, H / spatial_stride,
+    W / spatial_stride), with the hooks build_backbone uses to load weights and change how it runs.
+
+    `eval_modules`: names of submodules kept in eval mode by `train()` (frozen stages, norm_eval),
+    filled from outside by apply_frozen_stages / apply_norm_eval.
+    """
+
+    LAYOUT = ""  # the pretrained checkpoint layout, named in weight-loading errors
+    CLASSIFIER_KEYS: tuple[str, ...] = ()  # the checkpoint's classifier, dropped by name
+    out_channels: int
+    temporal_stride: int
+    spatial_stride: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval_modules: list[str] = []
+
+    def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
+        """(parent, attribute, lead) of every stage of residual blocks: `getattr(parent, attribute)`
+        is an nn.Sequential of blocks whose first `lead` change shape (stay ordinary when rewired)."""
+        raise NotImplementedError
+
+    def reversible_block(self, block: nn.Module) -> nn.Module:
+        """The block in a form exposing `residual_fns()` (e.g. ReLU-in of a post-activation one)."""
+        return block
+
+    def frozen_modules(self, stages: int) -> list[str]:
+        """Names of the submodules frozen by `frozen_stages = stages` (0: the stem only)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for name in self.eval_modules:
+            self.get_submodule(name).eval()
+        return self
