@@ -172,6 +172,11 @@ def test_ensure_synthetic_writes_once_and_never_leaves_a_complete_looking_partia
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "set").iterdir()} == before
     assert synth.ensure_synthetic(DataConfig(annotations=str(tmp_path / "none.json")), StorageConfig()) is False
     assert not (tmp_path / "none.json").exists()
+    # the same place, other settings (an older demo config): refused, nothing rewritten
+    stale = DataConfig(annotations=data.annotations, synth=SMALL.model_copy(update={"videos": 6}).model_dump())
+    with pytest.raises(BadInput, match=r"anet.json is a synthetic set made with other settings \(videos 4 \(config: 6\)\)"):
+        synth.ensure_synthetic(stale, StorageConfig())
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "set").iterdir()} == before
 
 
 def test_ensure_synthetic_writes_videos_under_video_root(tmp_path):

@@ -333,11 +333,21 @@ def _videos(cfg: SynthConfig, processes: int):
 def ensure_synthetic(data: DataConfig, storage: StorageConfig) -> bool:
     """If `data.synth` is set and `data.annotations` does not exist, write the synthetic dataset
     there (videos into `data.video_root` if set, else next to the annotations). Returns whether
-    it wrote; a second call is a no-op."""
+    it wrote; a second call is a no-op. A synthetic set made with other settings (an older demo
+    config) is BadInput, not silently reused nor overwritten."""
     if data.synth is None:
         return False
     fs, path = filesystem(data.annotations, storage)
     if fs.exists(path):
+        try:
+            made = json.loads(fs.cat_file(path)).get("synth")
+        except (OSError, ValueError, AttributeError):
+            return False  # not ours to judge: loading the annotations reports what is wrong
+        wanted = json.loads(json.dumps(data.synth.model_dump()))
+        if made is not None and made != wanted:
+            diff = ", ".join(f"{k} {made.get(k)} (config: {v})" for k, v in wanted.items() if made.get(k) != v)
+            raise BadInput(f"data.annotations: {data.annotations} is a synthetic set made with other settings ({diff}); "
+                           "delete it (and its videos) to have it rewritten, or point data.annotations elsewhere")
         return False
     if data.video_ext != "mp4":
         raise BadInput(f"data.video_ext: the synthetic dataset writes mp4 files, got {data.video_ext!r}")
