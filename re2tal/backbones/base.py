@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 from torch import nn
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=ABCMeta):
     """A video backbone (B, 3, T, H, W) -> (B, out_channels, T / temporal_stride, H / spatial_stride,
     W / spatial_stride), with the hooks build_backbone uses to load weights and change how it runs.
 
@@ -23,18 +25,18 @@ class Backbone(nn.Module):
         super().__init__()
         self.eval_modules: list[str] = []
 
+    @abstractmethod
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         """(parent, attribute, lead) of every stage of residual blocks: `getattr(parent, attribute)`
         is an nn.Sequential of blocks whose first `lead` change shape (stay ordinary when rewired)."""
-        raise NotImplementedError
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
         """The block in a form exposing `residual_fns()` (e.g. ReLU-in of a post-activation one)."""
         return block
 
+    @abstractmethod
     def frozen_modules(self, stages: int) -> list[str]:
         """Names of the submodules frozen by `frozen_stages = stages` (0: the stem only)."""
-        raise NotImplementedError
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)

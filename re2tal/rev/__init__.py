@@ -7,6 +7,6 @@
 """
 
 from re2tal.rev.relu_in import ReluIn, relu_in
-from re2tal.rev.stage import RevStage, checkpointed, running_stats_kept
+from re2tal.rev.stage import RevStage, checkpointed
 
-__all__ = ["RevStage", "ReluIn", "checkpointed", "relu_in", "running_stats_kept"]
+__all__ = ["RevStage", "ReluIn", "checkpointed", "relu_in"]

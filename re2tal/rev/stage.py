@@ -49,8 +49,9 @@ class RevStage(nn.Module):
     vanilla path, and other code's random stream only ever moves by that one draw.
 
     Memory: kept for backward are the leading blocks' input, the output y and b_n
-    (a_n = 2 y - b_n), or a_n and b_n when y is in a lower precision than the streams; so a next layer that keeps y shares it, and the
-    stage must not be followed by an in-place change of y (autograd would report it).
+    (a_n = 2 y - b_n), or a_n and b_n when y is in a lower precision than the streams; so a next
+    layer that keeps y shares it, and the stage must not be followed by an in-place change of y
+    (autograd would report it).
 
     Limitations: parameter gradients are accumulated into `.grad` by a nested
     `torch.autograd.backward` (like reentrant checkpointing), so use `loss.backward()`;
