@@ -100,8 +100,7 @@ class FuseFastToSlow(nn.Module):
 
     def __init__(self, fast_channels: int, alpha: int, kernel: int) -> None:
         super().__init__()
-        self.conv_fast_to_slow = nn.Conv3d(fast_channels, 2 * fast_channels, (kernel, 1, 1), stride=(alpha, 1, 1),
-                                           padding=(kernel // 2, 0, 0), bias=False)
+        self.conv_fast_to_slow = conv(fast_channels, 2 * fast_channels, (kernel, 1, 1), (alpha, 1, 1))
         self.norm = nn.BatchNorm3d(2 * fast_channels)
         self.activation = nn.ReLU(inplace=True)
 

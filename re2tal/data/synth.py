@@ -343,7 +343,7 @@ def ensure_synthetic(data: DataConfig, storage: StorageConfig) -> bool:
             made = json.loads(fs.cat_file(path)).get("synth")
         except (OSError, ValueError, AttributeError):
             return False  # not ours to judge: loading the annotations reports what is wrong
-        wanted = json.loads(json.dumps(data.synth.model_dump()))
+        wanted = data.synth.model_dump(mode="json")
         if made is not None and made != wanted:
             diff = ", ".join(f"{k} {made.get(k)} (config: {v})" for k, v in wanted.items() if made.get(k) != v)
             raise BadInput(f"data.annotations: {data.annotations} is a synthetic set made with other settings ({diff}); "
