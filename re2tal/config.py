@@ -134,7 +134,7 @@ class StorageConfig(Section):
     access_key_id: SecretStr | None = Field(None, description="S3 access key (default: environment / instance profile).")
     secret_access_key: SecretStr | None = Field(None, description="S3 secret key (default: environment / instance profile).")
     anon: bool = Field(False, description="Anonymous access (public buckets).")
-    cache_dir: str = Field("~/.cache/re2tal/videos", description="Node-local directory of fetched remote videos, shared by the worker processes of a node (`~` expanded on each node; a relative path is relative to each worker's working directory). Local videos are read in place.")
+    cache_dir: str = Field("~/.cache/re2tal/videos", description="Node-local directory of fetched remote videos, shared by the worker processes of a node (`~` and `$VARS` expanded on each node; a relative path is relative to each worker's working directory). Local videos are read in place.")
     cache_max_gb: PositiveFloat = Field(20.0, description="Size limit of the video cache (GB = 1e9 bytes); least recently used videos not in use are evicted.")
     retries: NonNegativeInt = Field(5, description="Retries with exponential backoff on transient storage errors (throttling, connection resets, truncated transfers), per request and per object.")
     timeout_s: PositiveFloat = Field(120.0, description="Time limit for fetching one object, retries included.")
@@ -388,6 +388,7 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept in storage_path.")
     checkpoint_every_steps: PositiveInt | None = Field(None, description="Also checkpoint every k optimizer steps inside an epoch (long epochs). Default: at epoch ends only.")
+    node_wait_s: PositiveFloat = Field(600.0, description="How long the workers may wait for the resources they need (at launch, and after a lost node for a replacement, e.g. from an autoscaler) before the run fails; its last checkpoint is kept.")
     tiou_thresholds: str = Field("0.5:0.95:0.05", description="tIoU thresholds of evaluation: start:stop:step or a comma list (ActivityNet 0.5:0.95:0.05, THUMOS 0.3:0.7:0.1).")
 
     _urls = field_validator("storage_path")(check_url)

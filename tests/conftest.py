@@ -28,6 +28,11 @@ import pytest
 
 from re2tal.config import StorageConfig
 
+# Every Ray in these tests runs with token authentication, as users' clusters should: Ray 2.60
+# turns it on for a local ray.init() anyway, but a cluster started otherwise (ray start, the
+# multi-node tests' raylets) and the processes that connect to it must all be told.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 # --------------------------------------------------------------------------------------------
 # S3 on loopback
 

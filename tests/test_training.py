@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -294,6 +295,8 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, what: s
         try:
             urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError:  # it answers (e.g. 401 without a token): it is up
+            return
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 pytest.fail(f"{what} did not start")
@@ -339,34 +342,46 @@ def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, lo
 # ray start --head + ray job submit, as on a cluster
 
 
-def test_ray_job_submit_runs_the_training_job(local_set, tmp_path):
+def test_ray_job_submit_runs_the_training_job_on_a_token_authenticated_cluster(local_set, tmp_path):
+    """The README's commands: on the head `export RAY_AUTH_MODE=token`, `ray get-auth-token
+    --generate`, `ray start --head`; from another machine (its own home, no token of its own) the
+    copied token through RAY_AUTH_TOKEN_PATH, then `ray job submit`."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()
     # Its own agent ports: the defaults are taken while another local Ray (the other tests') runs.
     agent_ports = [f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                            "runtime-env-agent-port", "metrics-export-port",
                                                            "ray-client-server-port")]
-    # Ray turns token authentication on for a new head where a token exists (an earlier local
-    # ray.init writes one); this loopback cluster runs without, as clusters behind their own
-    # network controls do.
-    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH="", RAY_AUTH_MODE="disabled")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base |= {"RAY_ADDRESS": "", "PYTHONPATH": "", "RAY_AUTH_MODE": "token",
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the job's `python` is this venv's
+    head_env = base | {"HOME": str(tmp_path / "head-home")}
+    remote_env = base | {"HOME": str(tmp_path / "laptop-home")}
+    subprocess.run([str(ray_bin), "get-auth-token", "--generate"], env=head_env, check=True, capture_output=True)
+    token = tmp_path / "head-home" / ".ray" / "auth_token"
+    assert token.stat().st_size > 0
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # --block keeps the head's processes in this process group, so stopping it stops only them
     # (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", *agent_ports,
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_until_serving(f"{address}/api/version", head, 180, "ray head")
         cfg = tiny_config(tmp_path, local_set, "submitted", **{"train.epochs": 1})
         config = write_config(tmp_path, cfg)
+        submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                  "python", "jobs/train.py", "--config", str(config)]
+        refused = subprocess.run(submit, env=remote_env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "couldn't find an authentication token" in refused.stderr, refused.stderr[-2000:]
+        copied = tmp_path / "laptop-home" / "head-token"
+        copied.parent.mkdir(parents=True)
+        shutil.copy(token, copied)
         for _ in range(60):  # the head's job agent comes up a little after its dashboard
-            job = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                  "python", "jobs/train.py", "--config", str(config)],
-                                 env=env, capture_output=True, text=True, timeout=600)
+            job = subprocess.run(submit, env=remote_env | {"RAY_AUTH_TOKEN_PATH": str(copied)},
+                                 capture_output=True, text=True, timeout=600)
             if "No available agent" not in job.stderr:
                 break
             time.sleep(2)

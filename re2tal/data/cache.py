@@ -99,7 +99,7 @@ class VideoCache:
 
     def __init__(self, storage: StorageConfig):
         self.storage = storage
-        self.root = Path(os.path.expanduser(storage.cache_dir))
+        self.root = Path(os.path.expanduser(os.path.expandvars(storage.cache_dir)))
         self.limit = int(storage.cache_max_gb * 1e9)
         self.stats = CacheStats()
         for sub in ("data", "tmp", "locks"):

@@ -60,6 +60,14 @@ class VideoSource:
                 self._cache = VideoCache(self.storage)
             return self._cache
 
+    def cache_use(self) -> dict[str, int | str]:
+        """This process's use of the node's cache so far: hits, misses (= downloads), bytes
+        fetched, and the cache directory as resolved on this node ("" before any remote video)."""
+        with self._lock:
+            if self._cache is None:
+                return {"hits": 0, "misses": 0, "bytes_fetched": 0, "cache_dir": ""}
+            return self._cache.stats.snapshot() | {"cache_dir": str(self._cache.root)}
+
     def acquire(self, url: str) -> Lease:
         """A lease on a local copy of `url`; release it when done with the file."""
         try:

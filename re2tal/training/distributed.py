@@ -53,6 +53,13 @@ def setup(cfg: Config) -> Worker:
     return Worker(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (the host name outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -114,6 +114,7 @@ class _Loop:
             self.report(state, {"epoch": state.epoch, "step": state.step, **state.last_eval})
             return
         while state.epoch < cfg.train.epochs:
+            cache_before = self.source.cache_use()
             throughput = self.train_epoch(state)
             if throughput is None:
                 return  # stopped (non-finite loss), already reported
@@ -125,6 +126,7 @@ class _Loop:
                 metrics |= self.evaluate(state)
             if last:
                 metrics["random_average_mAP"] = self.random_baseline()
+            metrics["storage_fetched_mb"] = self.log_cache_use(state, cache_before)
             state.epoch, state.micro, state.position = state.epoch + 1, 0, 0
             self.save(state, metrics)
 
@@ -229,6 +231,25 @@ class _Loop:
         return {"epoch": state.epoch + state.micro / self.micro_per_epoch, "step": state.step,
                 "loss": mean[0], "cls_loss": mean[1], "reg_loss": mean[2], "lr": head_lr, "lr_backbone": backbone_lr,
                 "peak_memory_gb": dist_utils.all_max(dist_utils.peak_memory_gb(self.worker), self.worker)}
+
+    def log_cache_use(self, state: State, before: dict) -> float:
+        """MB fetched from storage this epoch (training and evaluation) by all workers; rank 0
+        logs the per-node breakdown (videos fetched = cache misses, hits, bytes, cache directory)
+        as `cache/epoch<N>.json`."""
+        now = self.source.cache_use()
+        mine = {k: now[k] - before[k] for k in ("hits", "misses", "bytes_fetched")}
+        rows = dist_utils.gather_to_main(mine | {"node": dist_utils.node_id(), "cache_dir": now["cache_dir"]}, self.worker)
+        if self.tracker is not None:
+            nodes: dict[str, dict] = {}
+            for row in rows:
+                node = nodes.setdefault(row["node"], {"workers": 0, "hits": 0, "misses": 0, "bytes_fetched": 0, "cache_dirs": []})
+                node["workers"] += 1
+                for k in mine:
+                    node[k] += row[k]
+                if row["cache_dir"] and row["cache_dir"] not in node["cache_dirs"]:
+                    node["cache_dirs"].append(row["cache_dir"])
+            self.tracker.json({"epoch": state.epoch + 1, "nodes": nodes}, f"cache/epoch{state.epoch + 1:04d}.json")
+        return dist_utils.all_sum(mine["bytes_fetched"], self.worker) / 1e6
 
     def show_step(self, state: State, loss: float) -> None:
         if self.progress is not None and self.worker.is_main:

@@ -19,6 +19,7 @@ from re2tal.data.storage import filesystem, protocol
 from re2tal.errors import BadInput
 
 STOP = "__stop__"
+WAIT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 class TrainingStopped(Exception):
@@ -163,6 +164,10 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
     progress = Progress(queue.Queue() if local else ray.util.queue.Queue(actor_options={"num_cpus": 0}), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    # Ray Train reads how long a worker group may wait for its placement from the driver's
+    # environment (and passes it on to its controller); a group it cannot place in that time is a
+    # controller failure, which must end the run instead of waiting again forever.
+    os.environ[WAIT_ENV] = f"{cfg.train.node_wait_s:g}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id),
@@ -172,7 +177,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
             name=cfg.train.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report
@@ -190,6 +195,14 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
             raise TrainingStopped(progress.stopped)
         status = "FINISHED"
         return metrics
+    except ray.train.ControllerError as err:
+        if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise TrainingStopped(f"training failed: {_first_line(err)}") from err
+        want = ", ".join(f"{k}: {v:g}" for k, v in resources.items())
+        have = ", ".join(f"{k}: {ray.available_resources().get(k, 0):g}" for k in resources)
+        raise TrainingStopped(f"training stopped: waited train.node_wait_s={cfg.train.node_wait_s:g} s for {num_workers} workers "
+                              f"x {{{want}}} (free in the cluster now: {{{have}}}); the last checkpoint under "
+                              f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name} is kept") from err
     except ray.train.TrainingFailedError as err:
         raise TrainingStopped(f"training failed after {cfg.train.max_failures} restart(s): {_first_line(err)}") from err
     finally:
