@@ -8,7 +8,8 @@ extra parameters or FLOPs.
 
 Offset convention: o is the `shifts` argument of `torch.roll` along time in the TPS reference
 code, i.e. y[t] = x[t - o]. The tiles are those of the paper's supplement (Fig. 1); the
-authors' source has only C (in the same positions as here).
+authors' source has only C (in the same positions as here), and B's tile appears in one of their
+compiled older files (__pycache__/swin_transformer2d_btsm2, mixed there with 3x3 tiles per head).
 
 Two users of these functions:
   - `re2tal.backbones.pst`, PST-T as its authors built it: 2-D windows per frame, the tile
