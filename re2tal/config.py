@@ -190,24 +190,26 @@ BackboneName = Literal["swin_t", "pst_t", "slowfast_r50", "slowfast_r101"]
 SWIN_FAMILY = ("swin_t", "pst_t")
 # blocks per stage of each backbone, when the config gives none
 DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "pst_t": [2, 2, 6, 2], "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3]}
+# attention window of each Swin, when the config gives none (pst_t: 2-D windows of each frame)
+DEFAULT_WINDOW = {"swin_t": (8, 7, 7), "pst_t": (1, 7, 7)}
 
 
 class PatchShiftConfig(Section):
-    """Temporal patch shift (TPS / PST) inside window attention; only for `pst_t`."""
+    """Temporal patch shift (TPS): pst_t's pattern, or TPS added to swin_t's 3-D windows (ours, not PST)."""
 
-    pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper: A, B (2x2 tiles over 3 / 4 frames), C (3x3 over 9 frames), D (4x4 over 16 frames).")
-    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; or `all`.")
-    boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Clip ends: `cyclic` rolls patches around (the paper's code, so PST weights behave as trained); `zero` lets patches shifted past an end read zeros (no mixing of a clip's first and last frames).")
+    pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper: A, B (2x2 tiles over 3 / 4 frames), C (3x3 over 9 frames; the authors' code and weights), D (4x4 over 16 frames).")
+    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; `all`: swin_t only (pst_t's even blocks channel-shift, as its authors').")
+    boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Clip ends: `cyclic` rolls patches around (the authors' code, so PST weights behave as trained); `zero` lets patches shifted past an end read zeros (no mixing of a clip's first and last frames).")
 
 
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T), pst_t (Swin-T with temporal patch shift), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast.")
+    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t / pst_t a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints). None: random init.")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints). None: random init.")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="swin_t / pst_t: stochastic depth rate (linearly increasing over blocks).")
     frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
     norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
@@ -215,10 +217,10 @@ class BackboneConfig(Section):
     embed_dim: PositiveInt = Field(96, description="swin_t / pst_t: channels of the first stage (Swin-T: 96).")
     num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_t / pst_t: attention heads per stage.")
     patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_t / pst_t: patch embedding size (T, H, W).")
-    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W).")
+    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W). Default: the backbone's (swin_t 8-7-7; pst_t 1-7-7, T must be 1).")
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
     fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: pytorchvideo's (r50: 7, r101: 5); mmaction's r101 uses 7.")
-    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift settings (pst_t only; default for pst_t: pattern C, alternate blocks, cyclic).")
+    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; swin3d_t weights). None on swin_t: plain Video Swin.")
     pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input (0-1 scale).")
     pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input.")
 
@@ -233,6 +235,8 @@ class BackboneConfig(Section):
             data = {**data, "patch_shift": {}}
         if data.get("depths") is None and data.get("name") in DEFAULT_DEPTHS:
             data = {**data, "depths": DEFAULT_DEPTHS[data["name"]]}
+        if data.get("window_size") is None and data.get("name") in DEFAULT_WINDOW:
+            data = {**data, "window_size": DEFAULT_WINDOW[data["name"]]}
         return data
 
     @model_validator(mode="after")
@@ -252,8 +256,13 @@ class BackboneConfig(Section):
                 raise ValueError(f"fusion_kernel: must be odd, got {self.fusion_kernel}")
         if self.frozen_stages > len(self.depths):
             raise ValueError(f"frozen_stages: {self.frozen_stages} exceeds the {len(self.depths)} stages")
-        if self.patch_shift is not None and self.name != "pst_t":
-            raise ValueError(f"patch_shift: only pst_t shifts patches, not {self.name}")
+        if self.patch_shift is not None and self.name not in SWIN_FAMILY:
+            raise ValueError(f"patch_shift: only swin_t / pst_t shift patches, not {self.name}")
+        if self.name == "pst_t":
+            if self.window_size[0] != 1:
+                raise ValueError(f"window_size: pst_t attends in 2-D windows of each frame, so the temporal size must be 1 (e.g. [1, 7, 7]), got {list(self.window_size)}")
+            if self.patch_shift is not None and self.patch_shift.blocks != "alternate":
+                raise ValueError("patch_shift.blocks: pst_t shifts patches in odd blocks and channels in even ones, as its authors; `all` is for swin_t")
         return self
 
     @property

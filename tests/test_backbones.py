@@ -1,6 +1,7 @@
-"""Backbones: Video Swin-T and PST against torchvision's swin3d_t, SlowFast against pytorchvideo's,
-weight loading, temporal patch shift, and Re² reversible rewiring (gradients equal to plain
-autograd, activations not kept)."""
+"""Backbones: Video Swin-T (also with TPS in its 3-D windows) against torchvision's swin3d_t,
+SlowFast against pytorchvideo's, weight loading, temporal patch shift, and Re² reversible
+rewiring (gradients equal to plain autograd, activations not kept). PST-T against its authors'
+code: tests/test_pst.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
 from re2tal.rev import ReluIn, RevStage
 
-# The reduced Swin of the local debug mode.
+# The reduced Swin of the local debug mode; PST's attends in 2-D windows.
 SMALL = dict(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=(8, 4, 4))
+PST_SMALL = {**SMALL, "window_size": (1, 4, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_torchvision_state_dict_loads_unrenamed(tv_model, tv_weights):
 def test_weights_load_through_fsspec_url(tv_weights):
     fs = fsspec.filesystem("memory")
     fs.pipe("/w/swin.pth", tv_weights.read_bytes())
-    model = build_backbone(cfg(name="pst_t", reversible=True, pretrained="memory://w/swin.pth"))
+    model = build_backbone(cfg(name="swin_t", patch_shift={}, reversible=True, pretrained="memory://w/swin.pth"))
     want = torch.load(tv_weights, weights_only=True)["features.4.5.mlp.3.weight"]
     assert torch.equal(model.state_dict()["features.4.5.mlp.3.weight"], want)
 
@@ -212,9 +214,9 @@ def test_shift_then_shift_back_is_identity(pattern):
 
 
 @pytest.mark.parametrize("boundary", ["cyclic", "zero"])
-def test_pst_attention_is_shifted_swin_attention(boundary):
-    """PST's window attention = shift back(torchvision's attention(shift(x))): q, k, v see the
-    shifted patches, the result returns to its frame."""
+def test_tps_in_swin_attention_is_shifted_swin_attention(boundary):
+    """Swin-T + TPS (ours): its window attention = shift back(torchvision's attention(shift(x))):
+    q, k, v see the shifted patches, the result returns to its frame."""
     torch.manual_seed(0)
     dim, heads, window, shift = 32, 2, [4, 4, 4], [2, 2, 2]
     ref = ShiftedWindowAttention3d(dim, window, shift, heads).eval()
@@ -230,17 +232,18 @@ def test_pst_attention_is_shifted_swin_attention(boundary):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_pst_blocks_and_parameters(tv_small_weights):
+def test_tps_in_swin_blocks_and_parameters(tv_small_weights):
+    """swin_t + patch_shift: TPS in the chosen blocks, swin3d_t's weights, zero new parameters."""
     swin = build_backbone(cfg(name="swin_t", pretrained=str(tv_small_weights), **SMALL)).eval()
     for blocks, expect in (("alternate", lambda i: i % 2 == 1), ("all", lambda i: True)):
-        pst = build_backbone(cfg(name="pst_t", pretrained=str(tv_small_weights), patch_shift={"blocks": blocks}, **SMALL))
-        shifted = [(s, i) for s in pst.stage_blocks() for i, b in enumerate(pst.features[s]) if b.attn.patch_shift is not None]
-        assert shifted == [(s, i) for s in pst.stage_blocks() for i in range(len(pst.features[s])) if expect(i)]
-        assert all((pst.features[s][i].attn.patch_shift.pattern, pst.features[s][i].attn.patch_shift.boundary) == ("C", "cyclic") for s, i in shifted)
-        assert sum(p.numel() for p in pst.parameters()) == sum(p.numel() for p in swin.parameters())
+        tps = build_backbone(cfg(name="swin_t", pretrained=str(tv_small_weights), patch_shift={"blocks": blocks}, **SMALL))
+        shifted = [(s, i) for s in tps.stage_blocks() for i, b in enumerate(tps.features[s]) if b.attn.patch_shift is not None]
+        assert shifted == [(s, i) for s in tps.stage_blocks() for i in range(len(tps.features[s])) if expect(i)]
+        assert all((tps.features[s][i].attn.patch_shift.pattern, tps.features[s][i].attn.patch_shift.boundary) == ("C", "cyclic") for s, i in shifted)
+        assert sum(p.numel() for p in tps.parameters()) == sum(p.numel() for p in swin.parameters())
     x = torch.randn(1, 3, 16, 64, 64)
     with torch.no_grad():
-        assert (pst.eval()(x) - swin(x)).abs().max() > 1e-3  # the shift changes the features
+        assert (tps.eval()(x) - swin(x)).abs().max() > 1e-3  # the shift changes the features
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,11 +265,11 @@ def test_re2_swin_t_gradients_equal_vanilla_autograd(tv_weights):
     assert max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["swin_t", "pst_t"])
-def test_reversible_with_drop_path_replays_it(name):
+@pytest.mark.parametrize("name, sizes", [("swin_t", SMALL), ("pst_t", PST_SMALL)])
+def test_reversible_with_drop_path_replays_it(name, sizes):
     """Training mode with stochastic depth: recomputation draws the same drops."""
     torch.manual_seed(0)
-    model = build_backbone(BackboneConfig(name=name, reversible=True, drop_path=0.5, **SMALL)).train()
+    model = build_backbone(BackboneConfig(name=name, reversible=True, drop_path=0.5, **sizes)).train()
     x = torch.randn(2, 3, 16, 64, 64)
     set_vanilla(model, True)
     yv, xv, pv = loss_grads(model, x, seed=3)
@@ -278,9 +281,9 @@ def test_reversible_with_drop_path_replays_it(name):
 
 def test_checkpointing_gives_standard_gradients():
     torch.manual_seed(0)
-    std = build_backbone(cfg(name="pst_t", drop_path=0.3, **SMALL)).train()
-    ckpt = build_backbone(cfg(name="pst_t", drop_path=0.3, activation_checkpointing=True, **SMALL)).train()
-    assert all(isinstance(ckpt.features[i], CheckpointedSequential) for i in ckpt.stage_blocks())
+    std = build_backbone(cfg(name="pst_t", drop_path=0.3, **PST_SMALL)).train()
+    ckpt = build_backbone(cfg(name="pst_t", drop_path=0.3, activation_checkpointing=True, **PST_SMALL)).train()
+    assert all(isinstance(getattr(parent, name), CheckpointedSequential) for parent, name, _ in ckpt.residual_stages())
     ckpt.load_state_dict(std.state_dict())
     x = torch.randn(1, 3, 16, 64, 64)
     ys, xs, ps = loss_grads(std, x, seed=5)
@@ -323,7 +326,8 @@ def test_reversible_keeps_no_block_activations():
 
 def test_long_clip_same_path_and_fixed_mask_memory():
     """T = 768 frames runs through the same code; the cached masks do not grow with T."""
-    model = build_backbone(cfg(name="pst_t", reversible=True, **SMALL)).eval()
+    # a shifted-window block in stage 0 (8x8 tokens, windows 4x4), where the region masks are used
+    model = build_backbone(cfg(name="pst_t", reversible=True, **{**PST_SMALL, "depths": [2, 1, 2, 1]})).eval()
     masks = {}
     for t in (32, 768):
         model.cache._items.clear()

@@ -93,7 +93,9 @@ BAD = [
     ({"backbone": {"activation_checkpointing": True}}, "backbone.activation_checkpointing"),  # with reversible
     ({"backbone": {"depths": [2, 2]}}, "backbone.num_heads"),
     ({"backbone": {"drop_path": 1.5}}, "backbone.drop_path"),
-    ({"backbone": {"patch_shift": {"pattern": "C"}}}, "backbone.patch_shift"),  # on swin_t
+    ({"backbone": {"name": "slowfast_r50", "patch_shift": {"pattern": "C"}}}, "backbone.patch_shift"),
+    ({"backbone": {"name": "pst_t", "patch_shift": {"blocks": "all"}}}, "backbone.patch_shift.blocks"),
+    ({"backbone": {"name": "pst_t", "window_size": [8, 7, 7]}}, "backbone.window_size"),
     ({"backbone": {"name": "pst_t", "patch_shift": {"pattern": "E"}}}, "backbone.patch_shift.pattern"),
     ({"data": {"num_frames": 33}}, "data.num_frames"),  # not divisible by temporal patch 2
     ({"data": {"frame_size": 100}}, "data.frame_size"),  # not divisible by 32

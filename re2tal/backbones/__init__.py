@@ -1,5 +1,6 @@
-"""Video backbones: Video Swin-T, PST (Swin-T + temporal patch shift) and SlowFast-R50 / R101,
-standard or Re² reversible. `build_backbone(cfg.backbone)` is the entry point."""
+"""Video backbones: Video Swin-T (optionally with TPS in its 3-D windows, ours), PST-T as its
+authors built it, and SlowFast-R50 / R101, standard or Re² reversible.
+`build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
     apply_activation_checkpointing,
@@ -11,12 +12,15 @@ from re2tal.backbones.build import (
 )
 from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import PATTERNS, TemporalPatchShift
+from re2tal.backbones.pst import PatchShiftTransformer, PSTBlock
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
 
 __all__ = [
     "PATTERNS",
     "Backbone",
+    "PSTBlock",
+    "PatchShiftTransformer",
     "SlowFast",
     "SwinBlock",
     "SwinTransformer3d",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class Backbone(nn.Module, metaclass=ABCMeta):
@@ -29,6 +29,12 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         """(parent, attribute, lead) of every stage of residual blocks: `getattr(parent, attribute)`
         is an nn.Sequential of blocks whose first `lead` change shape (stay ordinary when rewired)."""
+
+    def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A published checkpoint's state dict under the model's keys, the one place a layout is
+        mapped: by default the classifier keys are dropped and nothing is renamed. ValueError
+        names what does not fit."""
+        return {k: v for k, v in state.items() if k not in self.CLASSIFIER_KEYS}
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
         """The block in a form exposing `residual_fns()` (e.g. ReLU-in of a post-activation one)."""

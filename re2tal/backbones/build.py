@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
+from re2tal.backbones.pst import PatchShiftTransformer
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinTransformer3d
@@ -37,9 +38,12 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
     with torch.device("meta") if cfg.pretrained is not None else contextlib.nullcontext():
         match cfg.name:
             case "swin_t":
-                model = swin(cfg, patch_shift=None)
+                model = swin(cfg, patch_shift=cfg.patch_shift)
             case "pst_t":
-                model = swin(cfg, patch_shift=cfg.patch_shift or PatchShiftConfig())
+                ps = cfg.patch_shift or PatchShiftConfig()
+                model = PatchShiftTransformer(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depths=cfg.depths,
+                                              num_heads=cfg.num_heads, window=cfg.window_size[1:], drop_path=cfg.drop_path,
+                                              pattern=ps.pattern, boundary=ps.boundary)
             case "slowfast_r50" | "slowfast_r101":
                 model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, fusion_kernel=cfg.resolved_fusion_kernel)
             case _:
@@ -57,7 +61,8 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
 
 
 def swin(cfg: BackboneConfig, patch_shift: PatchShiftConfig | None) -> SwinTransformer3d:
-    """Video Swin with the config's sizes; with patch_shift, PST (TPS in the chosen blocks)."""
+    """Video Swin with the config's sizes; with patch_shift, TPS in the chosen blocks of its 3-D
+    windows (ours, not the authors' PST: that is pst_t)."""
 
     def tps(stage: int, block: int, cache: ShapeCache) -> TemporalPatchShift | None:
         if patch_shift is None or (patch_shift.blocks == "alternate" and block % 2 == 0):
@@ -79,8 +84,8 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
     model's dtypes). A file holding {"model_state" | "state_dict" | "model": state dict, ...} is
     unwrapped.
 
-    The classifier keys are dropped by name; any other missing or unexpected key or shape
-    mismatch is BadInput naming the key and the file."""
+    `model.checkpoint_state` maps the layout (drops the classifier keys by name); any missing or
+    unexpected key after it, or shape mismatch, is BadInput naming the key and the file."""
     fs, path = filesystem(url, storage or StorageConfig())
     try:
         with fs.open(path, "rb") as f:
@@ -95,7 +100,10 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
         state = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors (expected {model.LAYOUT} layout)")
-    state = {k: v for k, v in state.items() if k not in model.CLASSIFIER_KEYS}
+    try:
+        state = model.checkpoint_state(state)
+    except ValueError as err:
+        raise BadInput(f"backbone.pretrained: {url}: {err}") from None
     expected = model.state_dict()
     problems = [f"missing key {k}" for k in expected if k not in state]
     problems += [f"unexpected key {k}" for k in state if k not in expected]

@@ -7,16 +7,18 @@ frame. Attention inside a window then mixes patches of up to |tile| neighbouring
 extra parameters or FLOPs.
 
 Offset convention: o is the `shifts` argument of `torch.roll` along time in the TPS reference
-code, i.e. y[t] = x[t - o]. The tiles are those of the paper's supplement (Fig. 1).
+code, i.e. y[t] = x[t - o]. The tiles are those of the paper's supplement (Fig. 1); the
+authors' source has only C (in the same positions as here), and B's tile appears in one of their
+compiled older files (__pycache__/swin_transformer2d_btsm2, mixed there with 3x3 tiles per head).
 
-Here TPS sits inside Video Swin's 3-D window attention (so swin3d_t weights load unchanged);
-the PST reference code runs 2-D windows per frame. Consequences, by choice:
-  - the tile is anchored at the feature map's origin, not restarted in each window (with 7x7
-    windows every window still holds every offset of a 3x3 or 4x4 tile);
-  - the relative position bias indexes where a patch sits after the shift, not the frame it
-    came from (the reference re-indexes a 2-D-window bias table we do not have);
-  - blocks that do not patch-shift do plain attention (the reference adds a channel shift, TSM,
-    in those blocks).
+Two users of these functions:
+  - `re2tal.backbones.pst`, PST-T as its authors built it: 2-D windows per frame, the tile
+    restarting at every window origin (`window=` below), and their bias and channel shift;
+  - `TemporalPatchShift` here, TPS plugged into Video Swin-T's 3-D windows (`backbone.name:
+    swin_t` with `backbone.patch_shift`; ours, not the authors' network, so swin3d_t weights
+    load unchanged). There the tile is anchored once at the feature map's origin, the relative
+    position bias indexes where a patch sits after the shift, and blocks that do not shift do
+    plain attention. No published weights were trained this way.
 Boundary default is cyclic, as the reference; `zero` is offered for long untrimmed clips,
 where the first and last frames are unrelated.
 """
@@ -41,24 +43,26 @@ PATTERNS: dict[str, tuple[tuple[int, ...], ...]] = {
 Boundary = Literal["cyclic", "zero"]
 
 
-def offset_map(pattern: str, height: int, width: int) -> Tensor:
-    """o (height, width) int64: the pattern's tile repeated over the grid from its origin."""
+def offset_map(pattern: str, height: int, width: int, window: tuple[int, int] | None = None) -> Tensor:
+    """o (height, width) int64: the pattern's tile repeated over the grid from its origin, or,
+    with `window` (wh, ww), from the origin of every window: o[h, w] = tile[(h % wh) % rows][(w % ww) % cols]."""
     tile = torch.tensor(PATTERNS[pattern], dtype=torch.long)
     rows, cols = tile.shape
-    reps = (-(-height // rows), -(-width // cols))
-    return tile.repeat(*reps)[:height, :width]
+    wh, ww = window or (height, width)
+    return tile[(torch.arange(height) % wh % rows)[:, None], (torch.arange(width) % ww % cols)[None, :]]
 
 
-def shift_index(pattern: str, t: int, h: int, w: int, boundary: Boundary, inverse: bool) -> Tensor:
+def shift_index(pattern: str, t: int, h: int, w: int, boundary: Boundary, inverse: bool,
+                window: tuple[int, int] | None = None) -> Tensor:
     """Source frame of every output token, (t, h, w) int64.
 
-    Forward: src[t, h, w] = t - o[h, w]; inverse: t + o[h, w].
+    Forward: src[t, h, w] = t - o[h, w]; inverse: t + o[h, w]; o = offset_map(pattern, h, w, window).
     cyclic: taken modulo t (torch.roll, as the paper).
     zero:   indices into the clip padded with max|o| zero frames on each side, so tokens whose
             source lies outside the clip read zeros.
     """
     sign = 1 if inverse else -1
-    o = offset_map(pattern, h, w)
+    o = offset_map(pattern, h, w, window)
     src = torch.arange(t).view(t, 1, 1) + sign * o
     if boundary == "cyclic":
         return src % t

@@ -1,4 +1,5 @@
-"""Video Swin Transformer (Liu et al., CVPR 2022) and PST, Swin with temporal patch shift.
+"""Video Swin Transformer (Liu et al., CVPR 2022), optionally with temporal patch shift (TPS) in
+its 3-D windows (ours, see patch_shift.py; the authors' PST-T is pst.py).
 
 Modules only (STYLE #1). Parameter names and shapes are those of
 `torchvision.models.video.swin3d_t` (without its classifier), so its state dicts load as they
