@@ -206,7 +206,7 @@ def test_without_a_replacement_the_run_fails_in_one_line_and_a_relaunch_skips_a_
 
     cluster.add("a")
     cluster.add("b")
-    cfg = cluster_config(tmp_path, s3_set, "stranded", **{"train.max_failures": 1, "train.node_wait_s": 15})
+    cfg = cluster_config(tmp_path, s3_set, "stranded", **{"train.max_failures": 1, "train.node_wait_s": 8})
     thread, out = fit_in_background(cfg)
     wait_for(lambda: registered(s3_set, "stranded") or "error" in out, 600, "the first checkpoint")
     cluster.kill("b")
@@ -215,7 +215,7 @@ def test_without_a_replacement_the_run_fails_in_one_line_and_a_relaunch_skips_a_
     assert isinstance(err, TrainingStopped), err
     message = str(err)
     assert "\n" not in message
-    assert "train.node_wait_s=15 s for 2 workers x {CPU: 1}" in message, message
+    assert "train.node_wait_s=8 s for 2 workers x {CPU: 1}" in message, message
     assert "the last checkpoint under" in message and "is kept" in message, message
     _, run = mlflow_run(cfg, _run_id(cfg))
     assert run.info.status == "FAILED"

@@ -419,9 +419,14 @@ def _persist_local(cfg: Config, path: str, name: str) -> str:
 
     target = f"{_local_run_dir(cfg)}/{name}"
     if is_local(target):
-        target = str(Path(target.removeprefix("file://")).resolve())
-        shutil.copytree(path, target, dirs_exist_ok=True)
-        return target
+        # Copied under a temporary name and renamed: a process killed while copying leaves no
+        # directory that the next launch would take for a checkpoint.
+        final = Path(target.removeprefix("file://")).resolve()
+        partial = final.with_name(f".{final.name}.{os.getpid()}.partial")
+        shutil.copytree(path, partial, dirs_exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        return str(final)
     fs, remote = filesystem(target, cfg.storage)
     fs.put(path, remote, recursive=True)
     return path
