@@ -1,5 +1,5 @@
-"""Video backbones: Video Swin-T, PST (Swin-T + temporal patch shift) and SlowFast-R50 / R101,
-standard or Re² reversible. `build_backbone(cfg.backbone)` is the entry point."""
+"""Video backbones: Video Swin-T, PST (Swin-T + temporal patch shift), SlowFast-R50 / R101 (with
+or without TAdaConv) and TAda2D-R50, standard or Re² reversible. `build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
     apply_activation_checkpointing,
@@ -13,13 +13,17 @@ from re2tal.backbones.base import Backbone
 from re2tal.backbones.patch_shift import PATTERNS, TemporalPatchShift
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
+from re2tal.backbones.tada import RouteFunc, TAda2D, TAdaConv2d
 
 __all__ = [
     "PATTERNS",
+    "RouteFunc",
     "Backbone",
     "SlowFast",
     "SwinBlock",
     "SwinTransformer3d",
+    "TAda2D",
+    "TAdaConv2d",
     "TemporalPatchShift",
     "apply_activation_checkpointing",
     "apply_frozen_stages",
