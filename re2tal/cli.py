@@ -29,6 +29,7 @@ HANDLERS: dict[str, str | None] = {
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
     "bench map": "re2tal.bench.map:main",
+    "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
 }
 
@@ -94,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
-        p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, pst_t, slowfast_r50, slowfast_r101) instead of a synthetic stage")
+        p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, pst_t, slowfast_r50, slowfast_r101, tada2d_r50) instead of a synthetic stage")
         p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
         p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
         p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p.add_argument("--videos", type=int, default=5000, metavar="N", help="videos in the problem, 100 predictions each (default 5000, ActivityNet validation size)")
+    p = bench.add_parser("tadaconv", help="one TAdaConv2d layer vs the plain conv vs the official grouped conv",
+                         description="Forward+backward time, kept activations and peak memory of a TAdaConv2d (3x3, cal_dim cin) against the plain conv and the official grouped-conv formulation, at TAda2D's res2 and res5 shapes (B*T = 64), with a self-check of outputs and gradients against the official formulation.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads, default 2)")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

@@ -186,10 +186,11 @@ class AugmentConfig(Section):
 # model
 
 
-BackboneName = Literal["swin_t", "pst_t", "slowfast_r50", "slowfast_r101"]
+BackboneName = Literal["swin_t", "pst_t", "slowfast_r50", "slowfast_r101", "tada2d_r50"]
 SWIN_FAMILY = ("swin_t", "pst_t")
 # blocks per stage of each backbone, when the config gives none
-DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "pst_t": [2, 2, 6, 2], "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3]}
+DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "pst_t": [2, 2, 6, 2], "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3],
+                  "tada2d_r50": [3, 4, 6, 3]}
 # attention window of each Swin, when the config gives none (pst_t: 2-D windows of each frame)
 DEFAULT_WINDOW = {"swin_t": (8, 7, 7), "pst_t": (1, 7, 7)}
 
@@ -205,11 +206,11 @@ class PatchShiftConfig(Section):
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast.")
+    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101), tada2d_r50 (TAda2D ResNet-50, TAdaConv in every bottleneck, temporal stride 1); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast / Re²TAda2D.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints). None: random init.")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation), for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation). None: random init.")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="swin_t / pst_t: stochastic depth rate (linearly increasing over blocks).")
     frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
     norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
@@ -220,6 +221,7 @@ class BackboneConfig(Section):
     window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W). Default: the backbone's (swin_t 8-7-7; pst_t 1-7-7, T must be 1).")
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
     fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: pytorchvideo's (r50: 7, r101: 5); mmaction's r101 uses 7.")
+    tadaconv: bool = Field(False, description="slowfast_*: make every bottleneck's spatial conv_b (both pathways) a TAdaConv with its route function (SlowFast + TAdaConv); equals plain SlowFast at initialisation. tada2d_r50 has TAdaConv built in.")
     patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; swin3d_t weights). None on swin_t: plain Video Swin.")
     pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input (0-1 scale).")
     pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input.")
@@ -263,16 +265,21 @@ class BackboneConfig(Section):
                 raise ValueError(f"window_size: pst_t attends in 2-D windows of each frame, so the temporal size must be 1 (e.g. [1, 7, 7]), got {list(self.window_size)}")
             if self.patch_shift is not None and self.patch_shift.blocks != "alternate":
                 raise ValueError("patch_shift.blocks: pst_t shifts patches in odd blocks and channels in even ones, as its authors; `all` is for swin_t")
+        if self.tadaconv and not self.name.startswith("slowfast_"):
+            raise ValueError(f"tadaconv: only slowfast_* take TAdaConv in ({self.name}{' has it built in' if self.name == 'tada2d_r50' else ''})")
         return self
 
     @property
     def temporal_stride(self) -> int:
         """Input frames per output feature step."""
+        if self.name == "tada2d_r50":
+            return 1
         return self.patch_size[0] if self.name in SWIN_FAMILY else self.alpha
 
     @property
     def spatial_stride(self) -> int:
-        """Input pixels per output feature cell (patch size or stem stride 4, x 2 per later stage)."""
+        """Input pixels per output feature cell (patch size or stride 4 after the stem (+ max pool or
+        TAda2D's strided res2), x 2 per later stage)."""
         return (self.patch_size[1] if self.name in SWIN_FAMILY else 4) * 2 ** (len(self.depths) - 1)
 
     @property

@@ -1,6 +1,6 @@
 """Video backbones: Video Swin-T (optionally with TPS in its 3-D windows, ours), PST-T as its
-authors built it, and SlowFast-R50 / R101, standard or Re² reversible.
-`build_backbone(cfg.backbone)` is the entry point."""
+authors built it, SlowFast-R50 / R101 (with or without TAdaConv) and TAda2D-R50, standard or Re²
+reversible. `build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
     apply_activation_checkpointing,
@@ -15,15 +15,19 @@ from re2tal.backbones.patch_shift import PATTERNS, TemporalPatchShift
 from re2tal.backbones.pst import PatchShiftTransformer, PSTBlock
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
+from re2tal.backbones.tada import RouteFunc, TAda2D, TAdaConv2d
 
 __all__ = [
     "PATTERNS",
+    "RouteFunc",
     "Backbone",
     "PSTBlock",
     "PatchShiftTransformer",
     "SlowFast",
     "SwinBlock",
     "SwinTransformer3d",
+    "TAda2D",
+    "TAdaConv2d",
     "TemporalPatchShift",
     "apply_activation_checkpointing",
     "apply_frozen_stages",

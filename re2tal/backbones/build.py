@@ -8,18 +8,22 @@ norm_eval.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from re2tal.backbones.base import Backbone
+from re2tal.backbones.layouts import to_model_layout
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.pst import PatchShiftTransformer
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinTransformer3d
+from re2tal.backbones.tada import TAda2D
 from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig
 from re2tal.data.storage import filesystem
 from re2tal.errors import BadInput
@@ -27,6 +31,7 @@ from re2tal.rev import RevStage, checkpointed
 
 # keys under which checkpoint files hold the model's state dict
 WRAPPER_KEYS = ("model_state", "state_dict", "model")
+log = logging.getLogger(__name__)
 
 
 def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) -> Backbone:
@@ -45,7 +50,9 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                                               num_heads=cfg.num_heads, window=cfg.window_size[1:], drop_path=cfg.drop_path,
                                               pattern=ps.pattern, boundary=ps.boundary)
             case "slowfast_r50" | "slowfast_r101":
-                model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, fusion_kernel=cfg.resolved_fusion_kernel)
+                model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, fusion_kernel=cfg.resolved_fusion_kernel, tadaconv=cfg.tadaconv)
+            case "tada2d_r50":
+                model = TAda2D(depths=cfg.depths)
             case _:
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
     if cfg.pretrained is not None:
@@ -78,14 +85,18 @@ def swin(cfg: BackboneConfig, patch_shift: PatchShiftConfig | None) -> SwinTrans
 # weights
 
 
-def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = None) -> None:
+def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = None) -> list[str]:
     """Load a state dict in the model's checkpoint layout (`model.LAYOUT`) from a path or fsspec
     URL into `model` (on CPU or the meta device; tensors are replaced by the file's, in the
     model's dtypes). A file holding {"model_state" | "state_dict" | "model": state dict, ...} is
-    unwrapped.
+    unwrapped; other published layouts are mapped by `layouts.to_model_layout`.
 
-    `model.checkpoint_state` maps the layout (drops the classifier keys by name); any missing or
-    unexpected key after it, or shape mismatch, is BadInput naming the key and the file."""
+    `model.checkpoint_state` maps the model's own published layout (drops the classifier keys by
+    name), `layouts.to_model_layout` the other layouts a family loads; any missing or unexpected
+    key after them, or shape mismatch, is BadInput naming the key and the file, except for the
+    modules the file's layout does not have (e.g. TAdaConv's route functions in a pytorchvideo
+    SlowFast file): they keep their initialisation (`reset_parameters()`) and their names are
+    returned (and logged)."""
     fs, path = filesystem(url, storage or StorageConfig())
     try:
         with fs.open(path, "rb") as f:
@@ -104,8 +115,11 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
         state = model.checkpoint_state(state)
     except ValueError as err:
         raise BadInput(f"backbone.pretrained: {url}: {err}") from None
+    state, absent = to_model_layout(model, state)
     expected = model.state_dict()
-    problems = [f"missing key {k}" for k in expected if k not in state]
+    kept = [name for name in absent if not any(k.startswith(name + ".") for k in state)]  # wholly absent only
+    from_init = {k for k in expected if any(k.startswith(name + ".") for name in kept)}
+    problems = [f"missing key {k}" for k in expected if k not in state and k not in from_init]
     problems += [f"unexpected key {k}" for k in state if k not in expected]
     problems += [f"{k} has shape {list(v.shape)}, the model needs {list(expected[k].shape)}"
                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
@@ -114,7 +128,15 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
         raise BadInput(f"backbone.pretrained: {url}: {'; '.join(problems[:3])}{more}; expected {model.LAYOUT} layout with this config's sizes")
     # assign: the model may live on the meta device (see build_backbone); keep its dtypes.
     state = {k: v.to(dtype=expected[k].dtype, device="cpu" if expected[k].is_meta else expected[k].device) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not kept, assign=True)
+    for name in kept:
+        module = model.get_submodule(name)
+        if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            module.to_empty(device="cpu")
+        module.reset_parameters()
+    if kept:
+        log.info("backbone.pretrained: %s has no %d modules of this model (%s, ...); they keep their initialisation", url, len(kept), kept[0])
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +153,8 @@ def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
         if type(stage) is not nn.Sequential:
             raise ValueError(f"apply_reversible: {name} is already a {type(stage).__name__}")
         if len(stage) > lead:  # a stage of only shape-changing blocks has nothing to rewire
-            blocks = list(stage[:lead]) + [model.reversible_block(b) for b in stage[lead:]]
-            setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams))
+            blocks = {n: b if i < lead else model.reversible_block(b) for i, (n, b) in enumerate(stage.named_children())}
+            setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams))  # keeps the blocks' names
 
 
 class CheckpointedSequential(nn.Sequential):
@@ -153,7 +175,7 @@ def apply_activation_checkpointing(model: Backbone) -> None:
         stage = getattr(parent, name)
         if type(stage) is not nn.Sequential:
             raise ValueError(f"apply_activation_checkpointing: {name} is already a {type(stage).__name__}")
-        setattr(parent, name, CheckpointedSequential(*stage))
+        setattr(parent, name, CheckpointedSequential(OrderedDict(stage.named_children())))
 
 
 def apply_frozen_stages(model: Backbone, frozen_stages: int) -> None:

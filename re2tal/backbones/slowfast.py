@@ -12,6 +12,12 @@ Layout (= pytorchvideo's): blocks.0 = stems, blocks.1..4 = res2..res5; each is
 blocks are `res_blocks` (an nn.Sequential, rewired in place by apply_reversible /
 apply_activation_checkpointing); its first block projects the shortcut (channels, stride), the
 others are post-activation bottlenecks ReLU(x + F(x)), made reversible by ReLU-in.
+
+With `tadaconv=True` (SlowFast + TAdaConv, as in the TAdaConv paper) every bottleneck's spatial
+`conv_b` (1, 3, 3) of both pathways is a TAdaConv2d (cal_dim cin) keeping nn.Conv3d's weight key
+and shape, calibrated by a route function `conv_b_rf` fed the same input; pytorchvideo's
+checkpoints still load (the route functions keep their initialisation, alpha = 1), and at
+initialisation the network equals plain SlowFast.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from re2tal.backbones.base import Backbone
+from re2tal.backbones.tada import RouteFunc, TAdaConv2d
 from re2tal.rev import relu_in
 
 Triple = tuple[int, int, int]
@@ -49,18 +56,25 @@ class Stem(nn.Module):
 
 class Bottleneck(nn.Module):
     """conv_a (kt, 1, 1) -> conv_b (1, 3, 3) with the spatial stride -> conv_c 1x1x1, each with BN,
-    ReLU after the first two: F of the residual block."""
+    ReLU after the first two: F of the residual block. tadaconv: conv_b is a TAdaConv2d
+    calibrated by the route function conv_b_rf."""
 
-    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int) -> None:
+    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int, tadaconv: bool = False) -> None:
         super().__init__()
         self.conv_a, self.norm_a, self.act_a = conv(cin, inner, (kt, 1, 1)), nn.BatchNorm3d(inner), nn.ReLU(inplace=True)
-        self.conv_b = conv(inner, inner, (1, 3, 3), (1, stride, stride))
+        if tadaconv:
+            self.conv_b = TAdaConv2d(inner, inner, 3, stride=stride, padding=1, weight_layout="conv3d")
+            self.conv_b_rf = RouteFunc(inner)
+        else:
+            self.conv_b = conv(inner, inner, (1, 3, 3), (1, stride, stride))
+            self.conv_b_rf = None  # a plain attribute: no keys
         self.norm_b, self.act_b = nn.BatchNorm3d(inner), nn.ReLU(inplace=True)
         self.conv_c, self.norm_c = conv(inner, cout, (1, 1, 1)), nn.BatchNorm3d(cout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act_a(self.norm_a(self.conv_a(x)))
-        x = self.act_b(self.norm_b(self.conv_b(x)))
+        x = self.conv_b(x) if self.conv_b_rf is None else self.conv_b(x, self.conv_b_rf(x))
+        x = self.act_b(self.norm_b(x))
         return self.norm_c(self.conv_c(x))
 
 
@@ -68,14 +82,14 @@ class ResBlock(nn.Module):
     """ReLU(shortcut(x) + branch2(x)); the shortcut is a strided 1x1x1 conv + BN (`branch1_*`)
     where channels or size change, else the identity."""
 
-    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int) -> None:
+    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int, tadaconv: bool = False) -> None:
         super().__init__()
         if cin != cout or stride != 1:
             self.branch1_conv = conv(cin, cout, (1, 1, 1), (1, stride, stride))
             self.branch1_norm = nn.BatchNorm3d(cout)
         else:
             self.branch1_conv = self.branch1_norm = None  # plain attributes: no keys
-        self.branch2 = Bottleneck(cin, inner, cout, kt, stride)
+        self.branch2 = Bottleneck(cin, inner, cout, kt, stride, tadaconv)
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,9 +100,9 @@ class ResBlock(nn.Module):
 class ResStage(nn.Module):
     """`depth` ResBlocks, the first one projecting cin -> cout with the stride."""
 
-    def __init__(self, depth: int, cin: int, inner: int, cout: int, kt: int, stride: int) -> None:
+    def __init__(self, depth: int, cin: int, inner: int, cout: int, kt: int, stride: int, tadaconv: bool = False) -> None:
         super().__init__()
-        self.res_blocks = nn.Sequential(*[ResBlock(cin if i == 0 else cout, inner, cout, kt, stride if i == 0 else 1)
+        self.res_blocks = nn.Sequential(*[ResBlock(cin if i == 0 else cout, inner, cout, kt, stride if i == 0 else 1, tadaconv)
                                           for i in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,13 +140,13 @@ class SlowFast(Backbone):
     """SlowFast ResNet: depths (3, 4, 6, 3) = R50, (3, 4, 23, 3) = R101. alpha: frame rate ratio
     fast / slow; beta_inv: channel ratio slow / fast; fusion_kernel: temporal size of the fusion
     convs (pytorchvideo's R50 7, R101 5). Temporal conv kernels as the paper: 1 in the slow res2-3,
-    3 in the slow res4-5 and all fast stages."""
+    3 in the slow res4-5 and all fast stages. tadaconv: TAdaConv in every bottleneck's conv_b."""
 
     LAYOUT = "pytorchvideo slowfast_r50 / slowfast_r101"
     CLASSIFIER_KEYS = ("blocks.6.proj.weight", "blocks.6.proj.bias")
 
     def __init__(self, depths: Sequence[int] = (3, 4, 6, 3), alpha: int = 4, beta_inv: int = 8,
-                 fusion_kernel: int = 7, width: int = 64) -> None:
+                 fusion_kernel: int = 7, width: int = 64, tadaconv: bool = False) -> None:
         super().__init__()
         self.alpha = alpha
         fast_width = width // beta_inv
@@ -140,8 +154,8 @@ class SlowFast(Backbone):
         slow_in, fast_in = width + 2 * fast_width, fast_width
         for i, depth in enumerate(depths):
             inner, out, stride = width * 2**i, 4 * width * 2**i, 1 if i == 0 else 2
-            slow = ResStage(depth, slow_in, inner, out, 1 if i < 2 else 3, stride)
-            fast = ResStage(depth, fast_in, inner // beta_inv, out // beta_inv, 3, stride)
+            slow = ResStage(depth, slow_in, inner, out, 1 if i < 2 else 3, stride, tadaconv)
+            fast = ResStage(depth, fast_in, inner // beta_inv, out // beta_inv, 3, stride, tadaconv)
             last = i == len(depths) - 1
             blocks.append(TwoPathways(slow, fast, None if last else FuseFastToSlow(out // beta_inv, alpha, fusion_kernel)))
             slow_in, fast_in = out + 2 * (out // beta_inv), out // beta_inv
@@ -155,6 +169,9 @@ class SlowFast(Backbone):
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():  # after the loop above: their b must stay zero
+            if isinstance(m, RouteFunc):
+                m.reset_parameters()
 
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         return [(pathway, "res_blocks", 1) for block in self.blocks[1:] for pathway in block.multipathway_blocks]

@@ -14,6 +14,9 @@ BENCHMARKS = [
     ("speed_stage12.json", ["speed", "--stage-blocks", "12"]),
     ("memory_swin_t.json", ["memory", "--backbone", "swin_t", "--frames", "32", "--size", "112"]),
     ("speed_swin_t.json", ["speed", "--backbone", "swin_t", "--frames", "32", "--size", "112"]),
+    ("memory_tada2d_r50.json", ["memory", "--backbone", "tada2d_r50", "--frames", "32", "--size", "112"]),
+    ("speed_tada2d_r50.json", ["speed", "--backbone", "tada2d_r50", "--frames", "32", "--size", "112"]),
+    ("tadaconv.json", ["tadaconv"]),
     ("loader.json", ["loader"]),
     ("map.json", ["map"]),
 ]

@@ -13,7 +13,7 @@ they are. All tensors here have the stage's activation shape, e.g. (B, T, H, W, 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,8 @@ class RevStage(nn.Module):
     order (a transformer block: [attention branch, MLP branch]; a bottleneck: [branch]); each maps
     a tensor to one of the same shape and uses only the block's own submodules. Blocks are
     registered as children "0", "1", ..., so state-dict keys equal those of
-    `nn.Sequential(*blocks)`.
+    `nn.Sequential(*blocks)`; given as a mapping name -> block they keep their names (those of
+    `nn.Sequential(OrderedDict(blocks))`).
 
     lead: the first `lead` blocks run ordinarily before the reversible part and need no
     `residual_fns()` (a ResNet stage's first block changes channels and stride, so it cannot be
@@ -59,15 +60,15 @@ class RevStage(nn.Module):
     `find_unused_parameters=False` (the default).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], *, lead: int = 0, fp32_streams: bool = True):
+    def __init__(self, blocks: Sequence[nn.Module] | Mapping[str, nn.Module], *, lead: int = 0, fp32_streams: bool = True):
         super().__init__()
-        blocks = list(blocks)
-        if not 0 <= lead < len(blocks):
-            raise ValueError(f"RevStage: needs at least one block after the {lead} leading ones, got {len(blocks)}")
-        for i, block in enumerate(blocks):
+        named = list(blocks.items()) if isinstance(blocks, Mapping) else [(str(i), b) for i, b in enumerate(blocks)]
+        if not 0 <= lead < len(named):
+            raise ValueError(f"RevStage: needs at least one block after the {lead} leading ones, got {len(named)}")
+        for i, (name, block) in enumerate(named):
             if i >= lead and not callable(getattr(block, "residual_fns", None)):
                 raise TypeError(f"RevStage: block {i} ({type(block).__name__}) has no residual_fns() method")
-            self.add_module(str(i), block)
+            self.add_module(name, block)
         self.lead = lead
         self.fp32_streams = fp32_streams
         self.vanilla = False
