@@ -504,3 +504,12 @@ def test_explicit_fusion_kernel_other_than_the_files_names_the_key(tmp_path):
     cfg = BackboneConfig(name="slowfast_r101", reversible=False, depths=list(SF_SMALL), fusion_kernel=5, pretrained=path)
     with pytest.raises(BadInput, match=r"conv_fast_to_slow.weight has shape \[16, 8, 7, 1, 1\], the model needs \[16, 8, 5, 1, 1\]"):
         build_backbone(cfg)
+
+
+def test_pixel_statistics_on_the_0_255_scale_are_refused():
+    """mmaction's data_preprocessor mean / std are on 0-255; ours on 0-1 (theirs / 255 = the defaults)."""
+    with pytest.raises(ValueError, match="0-1 scale .*divide mmaction's 0-255 values by 255"):
+        BackboneConfig(name="swin_t", pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375))
+    default = BackboneConfig(name="swin_t")
+    assert torch.allclose(torch.tensor(default.pixel_mean) * 255, torch.tensor([123.675, 116.28, 103.53]))
+    assert torch.allclose(torch.tensor(default.pixel_std) * 255, torch.tensor([58.395, 57.12, 57.375]))
