@@ -474,6 +474,20 @@ def test_mmaction_and_re2tal_swin_files_give_their_features(tmp_path, shape):
         assert rel(got, ref) <= 1e-5, (inv, rel(got, ref))
 
 
+def test_swin_file_without_index_buffers_loads(tmp_path):
+    """Some mmaction versions do not save relative_position_index (a function of the window)."""
+    port = randomize(PortSwin(SWIN_SMALL["embed_dim"], SWIN_SMALL["depths"], SWIN_SMALL["num_heads"], SWIN_SMALL["window_size"]))
+    path = tmp_path / "swin.pth"
+    save_mmaction(port, 192, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("relative_position_index")}
+    torch.save(ckpt, path)
+    ours = build_backbone(BackboneConfig(name="swin_t", reversible=False, drop_path=0.0, pretrained=str(path), **SWIN_SMALL)).eval()
+    x = torch.randn(1, 3, 16, 64, 64)
+    with torch.no_grad():
+        assert rel(ours(x), port(x)) <= 1e-5
+
+
 def test_re2_file_into_a_non_reversible_model_is_refused(tmp_path):
     port = PortSwin(SWIN_SMALL["embed_dim"], SWIN_SMALL["depths"], SWIN_SMALL["num_heads"], SWIN_SMALL["window_size"], inv=True)
     path = save_mmaction(port, 192, tmp_path / "re2swin.pth")

@@ -256,7 +256,8 @@ class SwinTransformer3d(Backbone):
         is mapped, the one place: `backbone.` stripped, `cls_head.*` / `data_preprocessor.*`
         dropped, names by MMACTION_KEYS (its `norm3` is our final `norm`, `mlp.fc1 / fc2` torchvision's
         `mlp.0 / 3`, `layers.s.downsample` `features.2s+1`). Its relative_position_index buffers
-        equal ours (same formula) and load as they are."""
+        equal ours (same formula) and load as they are; a file without them (non-persistent in
+        some versions) gets ours."""
         if not any(k.removeprefix("backbone.").startswith("layers.") for k in state):
             return super().checkpoint_state(state)
         out = {}
@@ -267,6 +268,9 @@ class SwinTransformer3d(Backbone):
             for pattern, repl in self.MMACTION_KEYS:
                 key = re.sub(pattern, repl, key)
             out[key] = value
+        for key in self.state_dict():
+            if key.endswith(".relative_position_index") and key not in out:
+                out[key] = relative_position_index(self.get_submodule(key.rpartition(".")[0]).window_size)
         return out
 
     @classmethod
