@@ -11,9 +11,6 @@ shapes); features are compared at reduced sizes / depths.
 
 from __future__ import annotations
 
-from functools import reduce
-from operator import mul
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,40 +20,12 @@ from re2tal.backbones import SlowFast, SwinTransformer3d, apply_reversible, buil
 from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
 
+# mmaction's window_partition / window_reverse / get_window_size / compute_mask, as ported in
+# test_pst for the TPS authors' code (theirs are mmaction's)
+from test_pst import compute_mask, get_window_size, window_partition, window_reverse
+
 # --------------------------------------------------------------------------------------------
 # port of mmaction's Video Swin and the Re²TAL authors' SwinTransformer3D_inv
-
-
-def window_partition(x, ws):
-    b, d, h, w, c = x.shape
-    x = x.view(b, d // ws[0], ws[0], h // ws[1], ws[1], w // ws[2], ws[2], c)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).contiguous().view(-1, reduce(mul, ws), c)
-
-
-def window_reverse(windows, ws, b, d, h, w):
-    x = windows.view(b, d // ws[0], h // ws[1], w // ws[2], ws[0], ws[1], ws[2], -1)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).contiguous().view(b, d, h, w, -1)
-
-
-def get_window_size(x_size, window_size, shift_size):
-    win, shift = list(window_size), list(shift_size)
-    for i in range(len(x_size)):
-        if x_size[i] <= window_size[i]:
-            win[i], shift[i] = x_size[i], 0
-    return tuple(win), tuple(shift)
-
-
-def compute_mask(d, h, w, ws, ss):
-    img_mask = torch.zeros((1, d, h, w, 1))
-    cnt = 0
-    for sd in slice(-ws[0]), slice(-ws[0], -ss[0]), slice(-ss[0], None):
-        for sh in slice(-ws[1]), slice(-ws[1], -ss[1]), slice(-ss[1], None):
-            for sw in slice(-ws[2]), slice(-ws[2], -ss[2]), slice(-ss[2], None):
-                img_mask[:, sd, sh, sw, :] = cnt
-                cnt += 1
-    mw = window_partition(img_mask, ws).squeeze(-1)
-    mask = mw.unsqueeze(1) - mw.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
 class WindowAttention3D(nn.Module):
@@ -212,7 +181,7 @@ class SwinLayer(nn.Module):
         b, c, d, h, w = x.shape
         ws, ss = get_window_size((d, h, w), self.window_size, self.shift_size)
         x = x.permute(0, 2, 3, 4, 1)
-        mask = compute_mask(*(-(-s // win) * win for s, win in zip((d, h, w), ws)), ws, ss)
+        mask = compute_mask(*(-(-s // win) * win for s, win in zip((d, h, w), ws)), ws, ss, x.device)
         for blk in self.blocks:
             x = blk(x, mask)
         if self.inv:

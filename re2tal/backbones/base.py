@@ -8,6 +8,12 @@ from typing import Any
 from torch import Tensor, nn
 
 
+def mmaction_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's tensors of an mmaction Recognizer checkpoint's state dict: `backbone.`
+    stripped, the classifier (`cls_head.*`) and `data_preprocessor.*` dropped."""
+    return {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("cls_head.", "data_preprocessor."))}
+
+
 class Backbone(nn.Module, metaclass=ABCMeta):
     """A video backbone (B, 3, T, H, W) -> (B, out_channels, T / temporal_stride, H / spatial_stride,
     W / spatial_stride), with the hooks build_backbone uses to load weights and change how it runs.

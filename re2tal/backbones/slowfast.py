@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, mmaction_backbone
 from re2tal.rev import relu_in
 
 Triple = tuple[int, int, int]
@@ -212,12 +212,7 @@ class SlowFast(Backbone):
         (slow = 0, fast = 1). An unknown key stays as it is (and is reported as unexpected)."""
         if not any(k.removeprefix("backbone.").startswith("slow_path.") for k in state):
             return super().checkpoint_state(state)
-        out = {}
-        for key, value in state.items():
-            if key.startswith(("cls_head.", "data_preprocessor.")):
-                continue
-            out[self._mmaction_key(key.removeprefix("backbone."))] = value
-        return out
+        return {self._mmaction_key(k): v for k, v in mmaction_backbone(state).items()}
 
     @classmethod
     def _mmaction_key(cls, key: str) -> str:

@@ -36,7 +36,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.video.swin_transformer import PatchEmbed3d
 from torchvision.ops import MLP, StochasticDepth
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, mmaction_backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
 
@@ -261,10 +261,7 @@ class SwinTransformer3d(Backbone):
         if not any(k.removeprefix("backbone.").startswith("layers.") for k in state):
             return super().checkpoint_state(state)
         out = {}
-        for key, value in state.items():
-            if key.startswith(("cls_head.", "data_preprocessor.")):
-                continue
-            key = key.removeprefix("backbone.")
+        for key, value in mmaction_backbone(state).items():
             for pattern, repl in self.MMACTION_KEYS:
                 key = re.sub(pattern, repl, key)
             out[key] = value
