@@ -210,7 +210,7 @@ class BackboneConfig(Section):
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation), for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation). None: random init.")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation); for swin_t and slowfast_* also an mmaction Recognizer3D checkpoint (`state_dict` with `backbone.*`; `cls_head.*` dropped): mmaction's Video Swin-T / SlowFast Kinetics files, or the Re²TAL authors' Re²Swin-T / Re²SlowFast-101 (`SwinTransformer3D_inv` / `ResNet3dSlowFast_inv`, which need reversible=true); for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation). None: random init.")
     drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="swin_t / pst_t: stochastic depth rate (linearly increasing over blocks).")
     frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
     norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
@@ -220,11 +220,11 @@ class BackboneConfig(Section):
     patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_t / pst_t: patch embedding size (T, H, W).")
     window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W). Default: the backbone's (swin_t 8-7-7; pst_t 1-7-7, T must be 1).")
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
-    fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: pytorchvideo's (r50: 7, r101: 5); mmaction's r101 uses 7.")
+    fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: that of the `pretrained` file's fusion convs, without one pytorchvideo's (r50: 7, r101: 5; mmaction's R101 file and the Re²TAL authors' Re²SlowFast-101 have 7).")
     tadaconv: bool = Field(False, description="slowfast_*: make every bottleneck's spatial conv_b (both pathways) a TAdaConv with its route function (SlowFast + TAdaConv); equals plain SlowFast at initialisation. tada2d_r50 has TAdaConv built in.")
     patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; swin3d_t weights). None on swin_t: plain Video Swin.")
-    pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input (0-1 scale).")
-    pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input.")
+    pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input, 0-1 scale (RGB / 255). The default is torchvision's and mmaction's ([123.675, 116.28, 103.53] / 255: their Swin / SlowFast and the Re²TAL authors' files); pytorchvideo's SlowFast: [0.45, 0.45, 0.45].")
+    pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input, 0-1 scale. The default is torchvision's and mmaction's ([58.395, 57.12, 57.375] / 255); pytorchvideo's SlowFast: [0.225, 0.225, 0.225].")
 
     _urls = field_validator("pretrained")(check_url)
 
@@ -256,6 +256,8 @@ class BackboneConfig(Section):
                 raise ValueError(f"depths: {self.name} has 4 stages (res2-res5), got {len(self.depths)}")
             if self.fusion_kernel is not None and self.fusion_kernel % 2 == 0:
                 raise ValueError(f"fusion_kernel: must be odd, got {self.fusion_kernel}")
+        if max(self.pixel_mean) > 1 or max(self.pixel_std) > 1:
+            raise ValueError(f"pixel_mean / pixel_std: on the 0-1 scale (divide mmaction's 0-255 values by 255), got {list(self.pixel_mean)} / {list(self.pixel_std)}")
         if self.frozen_stages > len(self.depths):
             raise ValueError(f"frozen_stages: {self.frozen_stages} exceeds the {len(self.depths)} stages")
         if self.patch_shift is not None and self.name not in SWIN_FAMILY:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from typing import Any
 
 from torch import Tensor, nn
+
+
+def mmaction_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's tensors of an mmaction Recognizer checkpoint's state dict: `backbone.`
+    stripped, the classifier (`cls_head.*`) and `data_preprocessor.*` dropped."""
+    return {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("cls_head.", "data_preprocessor."))}
 
 
 class Backbone(nn.Module, metaclass=ABCMeta):
@@ -36,8 +43,26 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         names what does not fit."""
         return {k: v for k, v in state.items() if k not in self.CLASSIFIER_KEYS}
 
+    @classmethod
+    def checkpoint_options(cls, state: dict[str, Tensor]) -> dict[str, Any]:
+        """Constructor arguments a published checkpoint fixes (read from its keys and shapes,
+        e.g. SlowFast's fusion kernel and whether its fusions have a BatchNorm); build_backbone
+        builds the model with them. Config values given explicitly take precedence."""
+        return {}
+
+    @classmethod
+    def trained_reversible(cls, state: dict[str, Tensor]) -> bool:
+        """Whether the checkpoint holds a model trained in Re² (reversible) form: its weights
+        compute what they were trained for only when the model is rewired too."""
+        return False
+
     def reversible_block(self, block: nn.Module) -> nn.Module:
         """The block in a form exposing `residual_fns()` (e.g. ReLU-in of a post-activation one)."""
+        return block
+
+    def reversible_lead(self, block: nn.Module) -> nn.Module:
+        """A stage's leading (shape-changing) block in the Re² model, run before its reversible
+        part: by default unchanged."""
         return block
 
     @abstractmethod

@@ -38,9 +38,11 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
     """A backbone mapping (B, 3, T, H, W) normalised clips to (B, C, T', H', W') features, with
     attributes out_channels, temporal_stride, spatial_stride. `storage` configures fsspec for
     an object-storage `cfg.pretrained` URL."""
+    # The file is read first: some layouts fix how the model is built (SlowFast.checkpoint_options).
+    state = read_checkpoint(cfg.pretrained, storage) if cfg.pretrained is not None else None
     # With weights to load, build on the meta device: random init of ~28M parameters costs
     # seconds and every tensor is replaced by the file's anyway.
-    with torch.device("meta") if cfg.pretrained is not None else contextlib.nullcontext():
+    with torch.device("meta") if state is not None else contextlib.nullcontext():
         match cfg.name:
             case "swin_t":
                 model = swin(cfg, patch_shift=cfg.patch_shift)
@@ -50,13 +52,21 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                                               num_heads=cfg.num_heads, window=cfg.window_size[1:], drop_path=cfg.drop_path,
                                               pattern=ps.pattern, boundary=ps.boundary)
             case "slowfast_r50" | "slowfast_r101":
-                model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, fusion_kernel=cfg.resolved_fusion_kernel, tadaconv=cfg.tadaconv)
+                opts = {"fusion_kernel": cfg.resolved_fusion_kernel}
+                if state is not None:
+                    opts |= SlowFast.checkpoint_options(state)
+                if cfg.fusion_kernel is not None:  # explicit: a different file is a shape error naming the key
+                    opts["fusion_kernel"] = cfg.fusion_kernel
+                model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, tadaconv=cfg.tadaconv, **opts)
             case "tada2d_r50":
                 model = TAda2D(depths=cfg.depths)
             case _:
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
-    if cfg.pretrained is not None:
-        load_pretrained(model, cfg.pretrained, storage)
+    if state is not None:
+        load_state(model, state, cfg.pretrained)
+        if type(model).trained_reversible(state) and not cfg.reversible:
+            raise BadInput(f"backbone.pretrained: {cfg.pretrained} holds a Re² (reversible) model, which computes what it was "
+                           f"trained for only rewired: set backbone.reversible: true")
     if cfg.reversible:
         apply_reversible(model, cfg.fp32_streams)
     elif cfg.activation_checkpointing:
@@ -88,15 +98,15 @@ def swin(cfg: BackboneConfig, patch_shift: PatchShiftConfig | None) -> SwinTrans
 def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = None) -> list[str]:
     """Load a state dict in the model's checkpoint layout (`model.LAYOUT`) from a path or fsspec
     URL into `model` (on CPU or the meta device; tensors are replaced by the file's, in the
-    model's dtypes). A file holding {"model_state" | "state_dict" | "model": state dict, ...} is
-    unwrapped; other published layouts are mapped by `layouts.to_model_layout`.
+    model's dtypes): `read_checkpoint` then `load_state`; the names of the modules that keep their
+    initialisation."""
+    return load_state(model, read_checkpoint(url, storage), url)
 
-    `model.checkpoint_state` maps the model's own published layout (drops the classifier keys by
-    name), `layouts.to_model_layout` the other layouts a family loads; any missing or unexpected
-    key after them, or shape mismatch, is BadInput naming the key and the file, except for the
-    modules the file's layout does not have (e.g. TAdaConv's route functions in a pytorchvideo
-    SlowFast file): they keep their initialisation (`reset_parameters()`) and their names are
-    returned (and logged)."""
+
+def read_checkpoint(url: str, storage: StorageConfig | None = None) -> dict[str, Tensor]:
+    """The flat state dict of a weight file (path or fsspec URL). A file holding
+    {"model_state" | "state_dict" | "model": state dict, ...} is unwrapped (pytorchvideo's .pyth:
+    model_state; mmaction's: state_dict). BadInput names what is wrong."""
     fs, path = filesystem(url, storage or StorageConfig())
     try:
         with fs.open(path, "rb") as f:
@@ -107,10 +117,20 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
         raise BadInput(f"backbone.pretrained: {url} is not a torch state dict ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     except OSError as err:
         raise BadInput(f"backbone.pretrained: cannot read {url} ({err.strerror or err})") from None
-    if isinstance(state, dict):  # training checkpoints wrap it (pytorchvideo's .pyth: model_state)
+    if isinstance(state, dict):
         state = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors (expected {model.LAYOUT} layout)")
+        raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors")
+    return state
+
+
+def load_state(model: Backbone, state: dict[str, Tensor], url: str) -> list[str]:
+    """Load a file's state dict into `model`. `model.checkpoint_state` maps the model's own
+    published layouts (drops the classifier keys by name), `layouts.to_model_layout` the other
+    layouts a family loads; any missing or unexpected key after them, or shape mismatch, is
+    BadInput naming the key and the file (`url`), except for the modules the file's layout does
+    not have (e.g. TAdaConv's route functions in a pytorchvideo SlowFast file): they keep their
+    initialisation (`reset_parameters()`) and their names are returned (and logged)."""
     try:
         state = model.checkpoint_state(state)
     except ValueError as err:
@@ -145,7 +165,8 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
 
 def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
     """Rewire every residual stage into a reversible RevStage (Re²): a stage's leading blocks
-    that change shape stay ordinary (checkpointed), post-activation blocks go through ReLU-in;
+    that change shape run ordinarily (checkpointed; `model.reversible_lead` may change their form,
+    e.g. SlowFast's as the authors' Re²SlowFast), post-activation blocks go through ReLU-in;
     stems, patch embedding / merging and fusions are untouched. Parameters and state-dict keys
     are unchanged."""
     for parent, name, lead in model.residual_stages():
@@ -153,7 +174,8 @@ def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
         if type(stage) is not nn.Sequential:
             raise ValueError(f"apply_reversible: {name} is already a {type(stage).__name__}")
         if len(stage) > lead:  # a stage of only shape-changing blocks has nothing to rewire
-            blocks = {n: b if i < lead else model.reversible_block(b) for i, (n, b) in enumerate(stage.named_children())}
+            blocks = {n: model.reversible_lead(b) if i < lead else model.reversible_block(b)
+                      for i, (n, b) in enumerate(stage.named_children())}
             setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams))  # keeps the blocks' names
 
 

@@ -18,17 +18,27 @@ With `tadaconv=True` (SlowFast + TAdaConv, as in the TAdaConv paper) every bottl
 and shape, calibrated by a route function `conv_b_rf` fed the same input; pytorchvideo's
 checkpoints still load (the route functions keep their initialisation, alpha = 1), and at
 initialisation the network equals plain SlowFast.
+
+mmaction's ResNet3dSlowFast (mmaction/models/backbones/resnet3d_slowfast.py, e.g. its Kinetics
+SlowFast-R101) and the Re²TAL authors' ResNet3dSlowFast_inv (OpenTAD re2tal_slowfast.py, their
+K400-fine-tuned Re²SlowFast-101) load through one mapping (`SlowFast.checkpoint_state`). Their
+fusions ("laterals") are a bare strided conv, without BatchNorm and ReLU: the model is built so
+when such a file is loaded (`checkpoint_options`, also reading the fusion kernel from it). Their
+Re² stage is ours: block 0 computes P(x) + ReLU(F(x)) (ReLU moved into the branch also where the
+shortcut projects; `reversible_lead`), then streams (h, h) with (x1, x2) -> (x2 + ReLU(F_i(x1)), x1),
+the mean of the two halves as the output.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, mmaction_backbone
 from re2tal.backbones.tada import RouteFunc, TAdaConv2d
 from re2tal.rev import relu_in
 
@@ -110,17 +120,25 @@ class ResStage(nn.Module):
 
 
 class FuseFastToSlow(nn.Module):
-    """slow <- cat(slow, ReLU(BN(conv (k, 1, 1), stride alpha, of fast))); fast unchanged."""
+    """slow <- cat(slow, ReLU(BN(conv (k, 1, 1), stride alpha, of fast))); fast unchanged.
+    norm=False: the bare conv (mmaction's lateral connections)."""
 
-    def __init__(self, fast_channels: int, alpha: int, kernel: int) -> None:
+    def __init__(self, fast_channels: int, alpha: int, kernel: int, norm: bool = True) -> None:
         super().__init__()
         self.conv_fast_to_slow = conv(fast_channels, 2 * fast_channels, (kernel, 1, 1), (alpha, 1, 1))
-        self.norm = nn.BatchNorm3d(2 * fast_channels)
-        self.activation = nn.ReLU(inplace=True)
+        self.norm = nn.BatchNorm3d(2 * fast_channels) if norm else None
+        self.activation = nn.ReLU(inplace=True) if norm else None
 
     def forward(self, slow: Tensor, fast: Tensor) -> tuple[Tensor, Tensor]:
-        lateral = self.activation(self.norm(self.conv_fast_to_slow(fast)))
+        lateral = self.conv_fast_to_slow(fast)
+        if self.norm is not None:
+            lateral = self.activation(self.norm(lateral))
         return torch.cat([slow, lateral], 1), fast
+
+
+def projection(block: nn.Module, x: Tensor) -> Tensor:
+    """The projecting shortcut of a ResBlock (or its ReluIn form)."""
+    return block.branch1_norm(block.branch1_conv(x))
 
 
 class TwoPathways(nn.Module):
@@ -139,25 +157,32 @@ class TwoPathways(nn.Module):
 class SlowFast(Backbone):
     """SlowFast ResNet: depths (3, 4, 6, 3) = R50, (3, 4, 23, 3) = R101. alpha: frame rate ratio
     fast / slow; beta_inv: channel ratio slow / fast; fusion_kernel: temporal size of the fusion
-    convs (pytorchvideo's R50 7, R101 5). Temporal conv kernels as the paper: 1 in the slow res2-3,
-    3 in the slow res4-5 and all fast stages. tadaconv: TAdaConv in every bottleneck's conv_b."""
+    convs (pytorchvideo's R50 7, R101 5); fusion_norm: BatchNorm + ReLU after them (pytorchvideo)
+    or not (mmaction). Temporal conv kernels as the paper: 1 in the slow res2-3, 3 in the slow
+    res4-5 and all fast stages. tadaconv: TAdaConv in every bottleneck's conv_b."""
 
-    LAYOUT = "pytorchvideo slowfast_r50 / slowfast_r101"
+    LAYOUT = "pytorchvideo slowfast_r50 / slowfast_r101, mmaction ResNet3dSlowFast or Re²TAL's ResNet3dSlowFast_inv"
     CLASSIFIER_KEYS = ("blocks.6.proj.weight", "blocks.6.proj.bias")
+    # mmaction's names inside a residual block -> ours (Bottleneck3d's ConvModules conv1..3, downsample)
+    MMACTION_BLOCK = {"conv1.conv": "branch2.conv_a", "conv1.bn": "branch2.norm_a", "conv2.conv": "branch2.conv_b",
+                      "conv2.bn": "branch2.norm_b", "conv3.conv": "branch2.conv_c", "conv3.bn": "branch2.norm_c",
+                      "downsample.conv": "branch1_conv", "downsample.bn": "branch1_norm"}
+    PATHWAYS = {"slow": 0, "fast": 1}
 
     def __init__(self, depths: Sequence[int] = (3, 4, 6, 3), alpha: int = 4, beta_inv: int = 8,
-                 fusion_kernel: int = 7, width: int = 64, tadaconv: bool = False) -> None:
+                 fusion_kernel: int = 7, width: int = 64, fusion_norm: bool = True, tadaconv: bool = False) -> None:
         super().__init__()
         self.alpha = alpha
         fast_width = width // beta_inv
-        blocks = [TwoPathways(Stem(width, 1), Stem(fast_width, 5), FuseFastToSlow(fast_width, alpha, fusion_kernel))]
+        blocks = [TwoPathways(Stem(width, 1), Stem(fast_width, 5), FuseFastToSlow(fast_width, alpha, fusion_kernel, fusion_norm))]
         slow_in, fast_in = width + 2 * fast_width, fast_width
         for i, depth in enumerate(depths):
             inner, out, stride = width * 2**i, 4 * width * 2**i, 1 if i == 0 else 2
             slow = ResStage(depth, slow_in, inner, out, 1 if i < 2 else 3, stride, tadaconv)
             fast = ResStage(depth, fast_in, inner // beta_inv, out // beta_inv, 3, stride, tadaconv)
             last = i == len(depths) - 1
-            blocks.append(TwoPathways(slow, fast, None if last else FuseFastToSlow(out // beta_inv, alpha, fusion_kernel)))
+            fusion = None if last else FuseFastToSlow(out // beta_inv, alpha, fusion_kernel, fusion_norm)
+            blocks.append(TwoPathways(slow, fast, fusion))
             slow_in, fast_in = out + 2 * (out // beta_inv), out // beta_inv
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = out + out // beta_inv
@@ -173,11 +198,57 @@ class SlowFast(Backbone):
             if isinstance(m, RouteFunc):
                 m.reset_parameters()
 
+    @classmethod
+    def checkpoint_options(cls, state: dict[str, Tensor]) -> dict[str, Any]:
+        """An mmaction / Re²TAL file (keys `[backbone.]slow_path...`) has fusions without BatchNorm;
+        the fusion kernel is the temporal size of the file's first fusion conv."""
+        mmaction = any(k.removeprefix("backbone.").startswith("slow_path.") for k in state)
+        name = "slow_path.conv1_lateral.conv.weight" if mmaction else "blocks.0.multipathway_fusion.conv_fast_to_slow.weight"
+        weight = state.get(name, state.get("backbone." + name))
+        opts: dict[str, Any] = {"fusion_norm": not mmaction}
+        if weight is not None and weight.dim() == 5:
+            opts["fusion_kernel"] = weight.shape[2]
+        return opts
+
+    @classmethod
+    def trained_reversible(cls, state: dict[str, Tensor]) -> bool:
+        return any(".inv_block." in k for k in state)
+
+    def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A pytorchvideo state dict loads as it is (classifier dropped). An mmaction Recognizer3D
+        checkpoint (keys `backbone.slow_path...`, `backbone.fast_path...`; ResNet3dSlowFast or the
+        Re² ResNet3dSlowFast_inv) is mapped, the one place: `backbone.` stripped, `cls_head.*` /
+        `data_preprocessor.*` dropped;
+          {p}_path.conv1.{conv,bn}                     -> blocks.0.multipathway_blocks.{p}.{conv,norm}
+          slow_path.conv1_lateral.conv                 -> blocks.0.multipathway_fusion.conv_fast_to_slow
+          slow_path.layer{s}_lateral.conv              -> blocks.{s}.multipathway_fusion.conv_fast_to_slow
+          {p}_path.layer{s}.{i}.<MMACTION_BLOCK name>  -> blocks.{s}.multipathway_blocks.{p}.res_blocks.{i}.<ours>
+        where the Re² file's `layer{s}.blocks.{i}.Fm.` / `.blocks.{i}.inv_block.Fm.` read as `layer{s}.{i}.`
+        (slow = 0, fast = 1). An unknown key stays as it is (and is reported as unexpected)."""
+        if not any(k.removeprefix("backbone.").startswith("slow_path.") for k in state):
+            return super().checkpoint_state(state)
+        return {self._mmaction_key(k): v for k, v in mmaction_backbone(state).items()}
+
+    @classmethod
+    def _mmaction_key(cls, key: str) -> str:
+        if m := re.fullmatch(r"(slow|fast)_path\.conv1\.(conv|bn)\.(\w+)", key):
+            return f"blocks.0.multipathway_blocks.{cls.PATHWAYS[m[1]]}.{'conv' if m[2] == 'conv' else 'norm'}.{m[3]}"
+        if m := re.fullmatch(r"slow_path\.(?:conv1|layer(\d+))_lateral\.conv\.(\w+)", key):
+            return f"blocks.{m[1] or 0}.multipathway_fusion.conv_fast_to_slow.{m[2]}"
+        m = re.fullmatch(r"(slow|fast)_path\.layer(\d+)\.(?:blocks\.)?(\d+)\.(?:inv_block\.)?(?:Fm\.)?(\w+\.\w+)\.(\w+)", key)
+        if m and m[4] in cls.MMACTION_BLOCK:
+            return f"blocks.{m[2]}.multipathway_blocks.{cls.PATHWAYS[m[1]]}.res_blocks.{m[3]}.{cls.MMACTION_BLOCK[m[4]]}.{m[5]}"
+        return key
+
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         return [(pathway, "res_blocks", 1) for block in self.blocks[1:] for pathway in block.multipathway_blocks]
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
         return relu_in(block, "branch2")
+
+    def reversible_lead(self, block: nn.Module) -> nn.Module:
+        """P(x) + ReLU(F(x)) for a stage's projecting first block, as the authors' Re²SlowFast."""
+        return relu_in(block, "branch2", projection if block.branch1_conv is not None else None)
 
     def frozen_modules(self, stages: int) -> list[str]:
         # stage s = blocks[s] with both pathways and the fusion after it; the stems are blocks[0]

@@ -12,12 +12,20 @@ without numeric effect beyond float rounding:
     (windows, N, N);
   - masks and shift indices are built once per shape in a ShapeCache owned by the backbone.
 Each block exposes its two residual functions for reversible rewiring (`re2tal.rev`).
+
+mmaction's Video Swin (mmaction/models/backbones/swin.py, `SwinTransformer3D`, e.g. its
+Kinetics-400 Swin-T) and the Re²TAL authors' Re²Swin (OpenTAD re2tal_swin.py,
+`SwinTransformer3D_inv`, their K400-fine-tuned Re²Swin-T) load too, through one mapping
+(`SwinTransformer3d.checkpoint_state`): same modules and function, other names. Their Re²
+stage is ours: streams (x, x), block i: y1 = x1 + F_i(x2), y2 = x2 + G_i(y1), output the mean
+of the two halves, patch merging after it, all blocks reversible.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from functools import partial
 from typing import Callable, Sequence
 
@@ -28,7 +36,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.video.swin_transformer import PatchEmbed3d
 from torchvision.ops import MLP, StochasticDepth
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, mmaction_backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
 
@@ -195,8 +203,19 @@ class SwinTransformer3d(Backbone):
     shifted windows. `patch_shift(stage, block)` gives the TPS module of a block or None.
     """
 
-    LAYOUT = "torchvision swin3d_t"
+    LAYOUT = "torchvision swin3d_t, mmaction SwinTransformer3D or Re²TAL's SwinTransformer3D_inv"
     CLASSIFIER_KEYS = ("head.weight", "head.bias")
+    # mmaction's names -> ours, applied in order to each key once `backbone.` is stripped; the
+    # first rule turns the Re² blocks (attention + norm1 in `inv_block.Fm`, MLP + norm2 in
+    # `inv_block.Gm`) into plain ones.
+    MMACTION_KEYS: tuple[tuple[str, Callable[[re.Match], str] | str], ...] = (
+        (r"^layers\.(\d+)\.blocks\.(\d+)\.inv_block\.[FG]m\.", r"layers.\1.blocks.\2."),
+        (r"\.mlp\.fc1\.", ".mlp.0."),
+        (r"\.mlp\.fc2\.", ".mlp.3."),
+        (r"^layers\.(\d+)\.blocks\.", lambda m: f"features.{2 * int(m[1])}."),
+        (r"^layers\.(\d+)\.downsample\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
+        (r"^norm3\.", "norm."),
+    )
 
     def __init__(self, patch_size: Triple = (2, 4, 4), embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), window_size: Triple = (8, 7, 7), drop_path: float = 0.1,
@@ -230,6 +249,30 @@ class SwinTransformer3d(Backbone):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A torchvision swin3d_t state dict loads as it is (head dropped). An mmaction Recognizer3D
+        checkpoint (keys `backbone.layers...`; SwinTransformer3D or the Re² SwinTransformer3D_inv)
+        is mapped, the one place: `backbone.` stripped, `cls_head.*` / `data_preprocessor.*`
+        dropped, names by MMACTION_KEYS (its `norm3` is our final `norm`, `mlp.fc1 / fc2` torchvision's
+        `mlp.0 / 3`, `layers.s.downsample` `features.2s+1`). Its relative_position_index buffers
+        equal ours (same formula) and load as they are; a file without them (non-persistent in
+        some versions) gets ours."""
+        if not any(k.removeprefix("backbone.").startswith("layers.") for k in state):
+            return super().checkpoint_state(state)
+        out = {}
+        for key, value in mmaction_backbone(state).items():
+            for pattern, repl in self.MMACTION_KEYS:
+                key = re.sub(pattern, repl, key)
+            out[key] = value
+        for key in self.state_dict():
+            if key.endswith(".relative_position_index") and key not in out:
+                out[key] = relative_position_index(self.get_submodule(key.rpartition(".")[0]).window_size)
+        return out
+
+    @classmethod
+    def trained_reversible(cls, state: dict[str, Tensor]) -> bool:
+        return any(".inv_block." in k for k in state)
 
     def stage_blocks(self) -> list[int]:
         """Indices into `features` of the block stages."""

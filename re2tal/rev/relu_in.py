@@ -6,6 +6,9 @@ x + G(x) and cannot be inverted step by step. Moving the ReLU into the branch gi
     y = x + ReLU(F(x)),
 
 a residual function G = ReLU o F with the block's own parameters (Re²TAL, "ReLU-in").
+A block with a projecting shortcut P, ReLU(P(x) + F(x)), becomes P(x) + ReLU(F(x)) (`shortcut`):
+not invertible, it runs before a reversible stage, as the authors' Re²SlowFast does with each
+stage's first block (OpenTAD re2tal_slowfast.py, Bottleneck3d_inv with a downsample).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ class ReluIn(nn.Module):
       Bottleneck `lambda m, x: m.bn3(m.conv3(m.relu(m.bn2(m.conv2(m.relu(m.bn1(m.conv1(x))))))))`.
       A function must reach the block's submodules only through `module` (not a closure over the
       old block), so copies of the ReluIn module stay self-contained.
+    shortcut: None for the identity; else P as a function `shortcut(module, x)` (same rules as a
+      branch function), e.g. `lambda m, x: m.branch1_norm(m.branch1_conv(x))`; then the module
+      has no `residual_fns()` use (it is not of the form x + G(x)) and runs as a leading block.
     """
 
-    def __init__(self, block: nn.Module, branch: str | Branch):
+    def __init__(self, block: nn.Module, branch: str | Branch, shortcut: Branch | None = None):
         super().__init__()
         own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
         if own:
@@ -40,6 +46,7 @@ class ReluIn(nn.Module):
         if isinstance(branch, str) and not isinstance(getattr(self, branch, None), nn.Module):
             raise ValueError(f"ReluIn: {type(block).__name__} has no child {branch!r}")
         self._branch = branch  # underscore: must not clash with an adopted child
+        self._shortcut = shortcut
 
     def residual_fn(self, x: Tensor) -> Tensor:
         """ReLU(F(x)), same shape as x."""
@@ -50,9 +57,9 @@ class ReluIn(nn.Module):
         return [self.residual_fn]
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual_fn(x)
+        return (x if self._shortcut is None else self._shortcut(self, x)) + self.residual_fn(x)
 
 
-def relu_in(block: nn.Module, branch: str | Branch) -> ReluIn:
-    """`ReluIn(block, branch)`: the ReLU-in form of a post-activation residual block."""
-    return ReluIn(block, branch)
+def relu_in(block: nn.Module, branch: str | Branch, shortcut: Branch | None = None) -> ReluIn:
+    """`ReluIn(block, branch, shortcut)`: the ReLU-in form of a post-activation residual block."""
+    return ReluIn(block, branch, shortcut)
