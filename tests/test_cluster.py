@@ -160,6 +160,12 @@ def test_node_lost_mid_run_resumes_on_a_replacement_node_from_s3(cluster, s3_set
     cfg = cluster_config(tmp_path, s3_set, "spot", **{"train.max_failures": 1, "train.node_wait_s": 120})
     thread, out = fit_in_background(cfg)
     wait_for(lambda: registered(s3_set, "spot") or "error" in out, 600, "the first checkpoint")
+    # The driver's progress queue must not live on a node that may go (it took the restarted
+    # workers with it when it did).
+    from ray._private.state import actors  # the state API proper needs a dashboard
+
+    queues = [a for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == "_QueueActor"]
+    assert queues and {a["Address"]["NodeID"] for a in queues} == {cluster.cluster.head_node.node_id}, queues
     killed_at = time.time()
     cluster.kill("b")
     cluster.add("c")  # the replacement (an autoscaler's new node)

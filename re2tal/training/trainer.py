@@ -162,7 +162,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, extra_tags)
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
-    progress = Progress(queue.Queue() if local else ray.util.queue.Queue(actor_options={"num_cpus": 0}), steps_total, draw=show_progress)
+    progress = Progress(queue.Queue() if local else driver_queue(), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     # Ray Train reads how long a worker group may wait for its placement from the driver's
     # environment (and passes it on to its controller); a group it cannot place in that time is a
@@ -209,6 +209,17 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
         progress.close()
         if run_id is not None:
             tracking.close_run(uri, run_id, status)
+
+
+def driver_queue():
+    """A Ray queue whose actor lives on this (the driver's) node: a zero-CPU actor may otherwise
+    be placed on any node, and dies with it, taking the restarted workers down with it."""
+    import ray
+    import ray.util.queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.util.queue.Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def _first_line(err: BaseException) -> str:
