@@ -22,6 +22,7 @@ HANDLERS: dict[str, str | None] = {
     "tune": "re2tal.training.cli:tune_command",
     "eval": "re2tal.training.cli:eval_command",
     "predict": "re2tal.training.cli:predict_command",
+    "plan": "re2tal.training.plan:plan_command",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", metavar="OUT", help="write the segments to OUT instead of stdout")
 
+    p = sub.add_parser("plan", help="predict the per-worker peak memory of a training step (no GPU needed)",
+                       description="Predict, without a GPU, the peak device memory of one training step per worker for the config "
+                                   "(parameters, gradients, optimizer states under ZeRO, activations, backward transient, input), "
+                                   "for the standard, checkpointed and reversible backbone side by side, and the largest "
+                                   "data.num_frames that fits. Device: CUDA when train.use_gpu, else CPU.")
+    _config_args(p)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="G", help="memory of one GPU in GB = 2^30 bytes (default 80)")
+    p.add_argument("--json", metavar="OUT", help="also write the plan as JSON to OUT")
+
     p = sub.add_parser("map", help="mAP of predictions against ground truth (ActivityNet protocol)",
                        description="Mean average precision at tIoU thresholds, following the ActivityNet detection protocol.")
     p.add_argument("--ground-truth", required=True, metavar="GT", help="ActivityNet-format annotations JSON")
@@ -101,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, pst_t, slowfast_r50, slowfast_r101) instead of a synthetic stage")
         p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
         p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
-        p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")
+        p.add_argument("--frames", default="32", metavar="T[,T...]", help="input frames, or a comma list of frame counts to run each (default 32)")
         p.add_argument("--size", type=int, default=112, metavar="S", help="input height and width (default 112)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision of the forward (default fp32; fp16 needs cuda)")
