@@ -31,6 +31,7 @@ HANDLERS: dict[str, str | None] = {
     "bench loader": "re2tal.bench.loader:main",
     "bench map": "re2tal.bench.map:main",
     "bench all": "re2tal.bench.all:main",
+    "bench gpu": "re2tal.bench.gpu:main",
 }
 
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p.add_argument("--videos", type=int, default=5000, metavar="N", help="videos in the problem, 100 predictions each (default 5000, ActivityNet validation size)")
+    p = bench.add_parser("gpu", help="every check that needs a GPU, in one command (< 8 min on an H100 / H200)",
+                         description="On one CUDA GPU: Swin-T vs torchvision and reversible vs plain gradients (fp32, bf16 with and "
+                                     "without fp32 streams), peak memory and step time of standard / checkpoint / reversible swin_t and "
+                                     "slowfast_r101 at 96-768 frames next to re2tal plan's prediction, and 20 steps of the debug config "
+                                     "on the GPU. Writes DIR/gpu.json and DIR/gpu_memory.png; exit 2 without a GPU.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

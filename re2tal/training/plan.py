@@ -50,6 +50,7 @@ from torch import nn
 
 from re2tal.config import Config
 from re2tal.errors import BadInput
+from re2tal.training.optim import param_groups
 
 MODES = ("standard", "checkpoint", "reversible")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,15 +70,19 @@ ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "contiguous_gradients": True
 @dataclass(frozen=True)
 class ZeroMemory:
     """Bytes on one worker. parameters: as held during forward / backward (ZeRO-3: partition +
-    gathered); parameter_partition: what stays between steps (ZeRO-1/2: the padded flat groups);
-    master_weights: fp32 copy of this worker's partition; moments: Adam's exp_avg + exp_avg_sq;
-    gradients: during the backward; buckets: gradient reduction buffers; step_gradients:
-    gradients held during the optimizer step; step_transient: the optimizer's temporaries."""
+    gathered); parameter_partition: what stays between steps (ZeRO-1/2: the padded flat groups,
+    ZeRO-3: DeepSpeed's lp buffer + persistent parameters); master_weights: fp32 copy of this
+    worker's partition; moments: Adam's exp_avg + exp_avg_sq; gradient_partition: the gradient
+    buffer DeepSpeed reduces into (ZeRO-0/1: the full .grad); gradients: during the backward
+    (partition + one parameter's gradient before its copy); buckets: gradient reduction buffers;
+    step_gradients: gradients held during the optimizer step; step_transient: the optimizer's
+    temporaries."""
 
     parameters: int
     parameter_partition: int
     master_weights: int
     moments: int
+    gradient_partition: int
     gradients: int
     buckets: int
     step_gradients: int
@@ -112,7 +117,8 @@ def zero_memory(groups: Sequence[Sequence[int]], other_numel: int, buffer_bytes:
     if stage == 0:
         lowp = e != 4
         return ZeroMemory(parameters=(total + other_numel) * e + buffer_bytes, parameter_partition=(total + other_numel) * e + buffer_bytes,
-                          master_weights=4 * total if lowp else 0, moments=8 * total, gradients=total * e, buckets=0,
+                          master_weights=4 * total if lowp else 0, moments=8 * total, gradient_partition=total * e,
+                          gradients=total * e, buckets=0,
                           step_gradients=total * e + (4 * total if lowp else 0), step_transient=4 * largest)
     state_scale = 0 if offload_optimizer else 1
     if stage in (1, 2):
@@ -120,13 +126,11 @@ def zero_memory(groups: Sequence[Sequence[int]], other_numel: int, buffer_bytes:
         parts = [a // world for a in aligned]
         flat = sum(aligned) * e + other_numel * e + buffer_bytes
         buckets = z["reduce_bucket_size"] * e if z["contiguous_gradients"] else 0
-        if stage == 1:
-            grads = total * e
-        else:
-            grads = _numel_in_partition(groups, parts, rank) * e + largest * e  # + one gradient before its copy
-        step_grads = (total * e if stage == 1 else grads - largest * e) + 4 * sum(parts)
+        grad_partition = total * e if stage == 1 else _numel_in_partition(groups, parts, rank) * e
         return ZeroMemory(parameters=flat, parameter_partition=flat, master_weights=4 * sum(parts) * state_scale,
-                          moments=8 * sum(parts) * state_scale, gradients=grads, buckets=buckets, step_gradients=step_grads,
+                          moments=8 * sum(parts) * state_scale, gradient_partition=grad_partition,
+                          gradients=grad_partition + (largest * e if stage == 2 else 0), buckets=buckets,
+                          step_gradients=grad_partition + 4 * sum(parts),
                           step_transient=4 * max(parts, default=0) * state_scale)
     part = [math.ceil(n / world) for n in numels]
     persistent = sum(n for n in numels if n <= z["param_persistence_threshold"])
@@ -137,7 +141,7 @@ def zero_memory(groups: Sequence[Sequence[int]], other_numel: int, buffer_bytes:
     group_parts = [sum(math.ceil(n / world) for n in g) for g in groups]
     return ZeroMemory(parameters=partition + gathered, parameter_partition=partition,
                       master_weights=(0 if e == 4 else 4 * sum(part)) * state_scale, moments=8 * sum(part) * state_scale,
-                      gradients=sum(part) * e + largest * e, buckets=z["reduce_bucket_size"] * e if z["contiguous_gradients"] else 0,
+                      gradient_partition=sum(part) * e, gradients=sum(part) * e + largest * e, buckets=z["reduce_bucket_size"] * e if z["contiguous_gradients"] else 0,
                       step_gradients=sum(part) * e + 4 * max(group_parts, default=0),
                       step_transient=4 * max(group_parts, default=0) * state_scale)
 
@@ -173,6 +177,17 @@ class StepMemory:
         return max(0, self.peak - self.activations_backbone - self.activations_head)
 
 
+def optimizer_groups(model: nn.Module, cfg: Config) -> tuple[list[list[int]], int, int]:
+    """What `zero_memory` needs of a Localizer: the element counts of the optimizer groups'
+    parameters (as the training loop hands them to DeepSpeed), the frozen parameters' elements,
+    and the buffers' bytes in the training precision (DeepSpeed casts floating buffers too)."""
+    groups = [[p.numel() for p in g["params"]] for g in param_groups(model.backbone, model.detector, cfg.optim)]
+    other = sum(p.numel() for p in model.parameters()) - sum(map(sum, groups))
+    e = DTYPES[cfg.deepspeed.precision].itemsize
+    buffer_bytes = sum(b.numel() * (e if b.is_floating_point() else b.element_size()) for b in model.buffers())
+    return groups, other, buffer_bytes
+
+
 def mode_of(cfg: Config) -> str:
     return "reversible" if cfg.backbone.reversible else "checkpoint" if cfg.backbone.activation_checkpointing else "standard"
 
@@ -190,7 +205,6 @@ class Planner:
 
     def __init__(self, cfg: Config):
         from re2tal.training.model import build_model
-        from re2tal.training.optim import param_groups
 
         self.cfg = cfg
         self.device_type = "cuda" if cfg.train.use_gpu else "cpu"
@@ -201,15 +215,11 @@ class Planner:
         self.layouts: dict = {}  # meta-kernel output layouts, shared by all evaluations
         with torch.device("meta"):
             model = build_model(with_mode(cfg, "standard"))
-        groups = [[p.numel() for p in g["params"]] for g in param_groups(model.backbone, model.detector, cfg.optim)]
-        optimized = sum(sum(g) for g in groups)
-        other = sum(p.numel() for p in model.parameters()) - optimized
-        e = self.dtype.itemsize
-        buffer_bytes = sum(b.numel() * (e if b.is_floating_point() else b.element_size()) for b in model.buffers())
+        groups, other, buffer_bytes = optimizer_groups(model, cfg)
         ds = cfg.deepspeed
         self.zero = max((zero_memory(groups, other, buffer_bytes, ds.precision, ds.zero_stage, self.world, r, ds.offload_optimizer)
                          for r in range(self.world)), key=lambda z: (z.gradients, z.parameters))
-        self.parameter_count = optimized + other
+        self.parameter_count = sum(p.numel() for p in model.parameters())
 
     def model(self, mode: str) -> nn.Module:
         if mode not in self.models:
@@ -400,6 +410,20 @@ def predicted_peak_gb(cfg: Config) -> float:
     """The predicted per-worker peak (GB) of the config as configured (no search)."""
     planner = Planner(cfg)
     return planner.plan(mode_of(cfg), cfg.data.num_frames).peak / GB
+
+
+def announce_prediction(cfg: Config) -> float | None:
+    """Print the predicted per-worker peak (GB) before workers launch and return it; None, with a
+    one-line warning, when the plan cannot be made (training goes on)."""
+    try:
+        gb = predicted_peak_gb(cfg)
+    except Exception as err:  # a planning problem must not stop a training run; it is reported
+        print(f"re2tal plan: could not predict the peak memory ({type(err).__name__}: {str(err).splitlines()[0][:200]})", file=sys.stderr)
+        return None
+    device = "GPU" if cfg.train.use_gpu else "CPU (tensor bytes; peak_memory_gb there is RSS)"
+    print(f"predicted peak memory per worker: {gb:.2f} GB on {device} ({mode_of(cfg)} {cfg.backbone.name}; `re2tal plan` has the breakdown)",
+          flush=True)
+    return gb
 
 
 ROWS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer states", "optimizer_states"),
