@@ -22,6 +22,7 @@ HANDLERS: dict[str, str | None] = {
     "tune": "re2tal.training.cli:tune_command",
     "eval": "re2tal.training.cli:eval_command",
     "predict": "re2tal.training.cli:predict_command",
+    "plan": "re2tal.training.plan:plan_command",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
@@ -31,6 +32,7 @@ HANDLERS: dict[str, str | None] = {
     "bench map": "re2tal.bench.map:main",
     "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
+    "bench gpu": "re2tal.bench.gpu:main",
 }
 
 
@@ -71,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", metavar="OUT", help="write the segments to OUT instead of stdout")
 
+    p = sub.add_parser("plan", help="predict the per-worker peak memory of a training step (no GPU needed)",
+                       description="Predict, without a GPU, the peak device memory of one training step per worker for the config "
+                                   "(parameters, gradients, optimizer states under ZeRO, activations, backward transient, input), "
+                                   "for the standard, checkpointed and reversible backbone side by side, and the largest "
+                                   "data.num_frames that fits. Device: CUDA when train.use_gpu, else CPU.")
+    _config_args(p)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="G", help="memory of one GPU in GB = 2^30 bytes (default 80)")
+    p.add_argument("--json", metavar="OUT", help="also write the plan as JSON to OUT")
+
     p = sub.add_parser("map", help="mAP of predictions against ground truth (ActivityNet protocol)",
                        description="Mean average precision at tIoU thresholds, following the ActivityNet detection protocol.")
     p.add_argument("--ground-truth", required=True, metavar="GT", help="ActivityNet-format annotations JSON")
@@ -95,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
         p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, pst_t, slowfast_r50, slowfast_r101, tada2d_r50) instead of a synthetic stage")
         p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
         p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
-        p.add_argument("--frames", type=int, default=32, metavar="T", help="input frames (default 32)")
+        p.add_argument("--frames", default="32", metavar="T[,T...]", help="input frames, or a comma list of frame counts to run each (default 32)")
         p.add_argument("--size", type=int, default=112, metavar="S", help="input height and width (default 112)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision of the forward (default fp32; fp16 needs cuda)")
@@ -122,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads, default 2)")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("gpu", help="every check that needs a GPU, in one command (< 8 min on an H100 / H200)",
+                         description="On one CUDA GPU: Swin-T vs torchvision and reversible vs plain gradients (fp32, bf16 with and "
+                                     "without fp32 streams), peak memory and step time of standard / checkpoint / reversible swin_t and "
+                                     "slowfast_r101 at 96-768 frames next to re2tal plan's prediction, and 20 steps of the debug config "
+                                     "on the GPU. Writes DIR/gpu.json and DIR/gpu_memory.png; exit 2 without a GPU.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

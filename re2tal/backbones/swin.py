@@ -45,6 +45,12 @@ Triple = tuple[int, int, int]
 # Additive mask between tokens of different regions of a shifted window; Video Swin uses -100
 # rather than -inf, and so do we, for bit-level parity with pretrained behaviour.
 MASK_VALUE = -100.0
+# Windows are attended in calls of at most this many attention-matrix elements (windows x heads
+# x N x N), in at most ATTN_MAX_CALLS calls: the backward's attention temporaries (CPU's math
+# path keeps three such matrices, CUDA's memory-efficient kernel a full-size gradient of the
+# expanded bias) are then bounded per call instead of growing with the clip.
+ATTN_CALL_ELEMENTS = 2**21
+ATTN_MAX_CALLS = 64
 
 
 def relative_position_index(window: Sequence[int]) -> Tensor:
@@ -142,13 +148,20 @@ class WindowAttention3d(nn.Module):
         Only the last window along a shifted axis needs a mask, so windows are attended in at
         most 8 groups (interior / last along each shifted axis), each with one (nH, N, N) mask.
         Inputs go to SDPA as 4-D tensors with a contiguous 4-D mask: that is what selects its
-        fused CPU kernel (other layouts fall back to the slower math path)."""
+        fused CPU kernel (other layouts fall back to the slower math path); windows are split
+        into calls of bounded size (ATTN_CALL_ELEMENTS, by torch.split, whose backward is one cat)."""
         heads, n, d = q.shape[-3:]
 
         def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
             shape = q.shape
             q, k, v = (t.reshape(-1, heads, n, d) for t in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype).unsqueeze(0).contiguous()).view(shape)
+            mask = mask.to(q.dtype).unsqueeze(0).contiguous()
+            calls = min(ATTN_MAX_CALLS, math.ceil(q.shape[0] * heads * n * n / ATTN_CALL_ELEMENTS))
+            per_call = math.ceil(q.shape[0] / calls)
+            if per_call >= q.shape[0]:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(shape)
+            outs = [F.scaled_dot_product_attention(*qkv, attn_mask=mask) for qkv in zip(q.split(per_call), k.split(per_call), v.split(per_call))]
+            return torch.cat(outs).view(shape)
 
         if not any(shift):
             return sdpa(q, k, v, bias)

@@ -7,6 +7,10 @@ like Swin stage-1 tokens of a T x S x S clip, requiring grad as inside a network
 reversible = its Re² version; input (1, 3, T, S, S)). Modes: standard, checkpoint, reversible, and
 reversible_lowp (reversible with the streams in the compute precision instead of fp32).
 
+`--frames` takes a comma list (e.g. 32,64,96): every frame count is run, `by_frames` holds
+`{T: {mode: result}}` and, for one T, `modes` its results; `bench memory` also draws the memory
+against frames (activation bytes, peak RSS minus baseline, CUDA peak) next to the JSON (.png).
+
 All in training mode. `bench memory` runs each mode in a fresh process (max RSS only grows) and
 reports per mode:
 - activation_bytes: bytes kept for backward after one forward: the union of unique storages
@@ -19,6 +23,9 @@ reports per mode:
   cuda_allocated_bytes (`torch.cuda.max_memory_allocated`).
 - step_seconds: median of `repeats` forward+backward steps after `warmup` ones (CPU threads:
   --threads); step_seconds_all: each of them.
+- backbones: predicted_activation_bytes and predicted_peak_tensor_bytes, `re2tal plan`'s
+  meta-device count of the same step (live tensor bytes above the model and input; compare with
+  the CUDA peak, not with RSS, which adds the allocator's retained memory).
 - reversible modes: reconstruction_error, the largest max|x_rec - x| / max|x| over the inputs of
   every F_i reconstructed in backward vs those seen in forward, and grad_error, the largest
   max|g_rev - g_vanilla| / max|g_vanilla| over the input's and parameters' gradients vs the
@@ -40,13 +47,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from re2tal.errors import BadInput
 from re2tal.rev import RevStage
+from re2tal.training.memory import SavedTensors  # noqa: F401  (the counter this bench reports; tests import it here)
 
 MODES = ("standard", "checkpoint", "reversible", "reversible_lowp")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,24 +71,74 @@ def speed_main(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace, kind: str) -> int:
-    """Validate the arguments, run the modes in fresh processes, write the JSON."""
-    spec = bench_spec(args, kind)
-    if kind == "memory":  # one process per mode: max RSS only grows
-        results = {mode: _run_child({**spec, "modes": [mode]})[mode] for mode in spec["modes"]}
-    else:  # one process, modes interleaved: load changes on a shared machine hit all alike
-        results = _run_child(spec)
-    devices = {r.pop("device") for r in results.values()}
-    config = {k: v for k, v in spec.items() if k != "modes"}
-    report = {"device": devices.pop(), "config": config, "modes": results}
+    """Validate the arguments, run the modes in fresh processes (per frame count), write the JSON
+    (and, for memory, the plot)."""
+    frames = parse_frames(args.frames)
+    specs = [bench_spec(args, kind, t) for t in frames]
+    by_frames, devices = {}, set()
+    for spec in specs:
+        if kind == "memory":  # one process per mode: max RSS only grows
+            results = {mode: _run_child({**spec, "modes": [mode]})[mode] for mode in spec["modes"]}
+        else:  # one process, modes interleaved: load changes on a shared machine hit all alike
+            results = _run_child(spec)
+        devices |= {r.pop("device") for r in results.values()}
+        by_frames[str(spec["frames"])] = results
+    config = {k: v for k, v in specs[0].items() if k not in ("modes", "frames", "input_shape")}
+    config.update(frames=frames, input_shape=specs[0]["input_shape"] if len(specs) == 1 else [s["input_shape"] for s in specs])
+    report = {"device": devices.pop(), "config": config, "by_frames": by_frames}
+    if len(frames) == 1:
+        report["modes"] = by_frames[str(frames[0])]
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if kind == "memory":
+        plot_memory(report, out.with_suffix(".png"))
     _print_summary(report)
     return 0
 
 
-def bench_spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    """The child processes' settings, validated (BadInput names the offending flag)."""
+def parse_frames(text: str) -> list[int]:
+    """`--frames 32` or `--frames 32,64,96` -> [32, 64, 96] (positive, distinct, in order)."""
+    try:
+        frames = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise BadInput(f"--frames: expected a number or a comma list of numbers, got {text!r}") from None
+    if not frames or any(t < 1 for t in frames) or len(set(frames)) != len(frames):
+        raise BadInput(f"--frames: expected distinct positive numbers, got {text!r}")
+    return frames
+
+
+def plot_memory(report: dict[str, Any], path: Path) -> None:
+    """Memory against frames, one line per mode: activation bytes, peak RSS minus baseline and
+    (CUDA) peak allocated minus baseline, in MB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("activation_bytes", None, "activations kept"), ("peak_rss_bytes", "baseline_rss_bytes", "peak RSS - baseline"),
+              ("peak_cuda_allocated_bytes", "baseline_cuda_allocated_bytes", "CUDA peak - baseline")]
+    frames = sorted(int(t) for t in report["by_frames"])
+    series = [s for s in series if any(s[0] in r for res in report["by_frames"].values() for r in res.values())]
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.6), squeeze=False)
+    for ax, (key, base, title) in zip(axes[0], series):
+        for mode in report["by_frames"][str(frames[0])]:
+            ys = [report["by_frames"][str(t)][mode] for t in frames]
+            ax.plot(frames, [(r[key] - (r[base] if base else 0)) / 2**20 for r in ys], marker="o", label=mode)
+        ax.set_xlabel("frames")
+        ax.set_ylabel("MB")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    name = report["config"].get("backbone") or f"stage of {report['config'].get('stage_blocks')} functions"
+    fig.suptitle(f"{name}, {report['config']['size']} px, {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_spec(args: argparse.Namespace, kind: str, frames: int) -> dict[str, Any]:
+    """The child processes' settings for one frame count, validated (BadInput names the
+    offending flag)."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
@@ -95,11 +153,11 @@ def bench_spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         raise BadInput(f"--device: {device} requested but CUDA is not available")
     if precision == "fp16" and device == "cpu":
         raise BadInput("--precision: fp16 needs --device cuda; use bf16 or fp32 on CPU")
-    for flag, value in (("--frames", args.frames), ("--size", args.size), ("--threads", args.threads)):
+    for flag, value in (("--frames", frames), ("--size", args.size), ("--threads", args.threads)):
         if value < 1:
             raise BadInput(f"{flag}: must be positive, got {value}")
     warmup, repeats = STEPS[kind]
-    spec: dict[str, Any] = {"kind": kind, "modes": modes, "backbone": args.backbone, "frames": args.frames,
+    spec: dict[str, Any] = {"kind": kind, "modes": modes, "backbone": args.backbone, "frames": frames,
                             "size": args.size, "device": device, "precision": precision, "threads": args.threads,
                             "warmup": warmup, "repeats": repeats, "seed": 0, "torch": torch.__version__,
                             # the allocator decides how much freed memory RSS still counts
@@ -107,13 +165,13 @@ def bench_spec(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     if args.backbone is None:
         if args.stage_blocks < 1 or args.width < 1:
             raise BadInput("--stage-blocks / --width: must be positive")
-        if args.frames % 2 or args.size % 4:
-            raise BadInput(f"--frames/--size: the synthetic stage needs even frames and a size divisible by 4, got {args.frames}, {args.size}")
+        if frames % 2 or args.size % 4:
+            raise BadInput(f"--frames/--size: the synthetic stage needs even frames and a size divisible by 4, got {frames}, {args.size}")
         spec.update(stage_blocks=args.stage_blocks, width=args.width, drop_path=DROP_PATH,
-                    input_shape=[1, args.frames // 2, args.size // 4, args.size // 4, args.width])
+                    input_shape=[1, frames // 2, args.size // 4, args.size // 4, args.width])
     else:
         cfg = _backbone_config(args.backbone, "standard")  # the backbone pads odd sizes itself
-        spec.update(input_shape=[1, 3, args.frames, args.size, args.size], drop_path=cfg.drop_path)
+        spec.update(input_shape=[1, 3, frames, args.size, args.size], drop_path=cfg.drop_path)
     return spec
 
 
@@ -141,90 +199,13 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(report: dict[str, Any]) -> None:
     print(f"device: {report['device']}")
-    print(f"{'mode':<16}{'activation MB':>15}{'peak RSS MB':>13}{'step s':>9}{'x standard':>12}")
-    for mode, r in report["modes"].items():
-        act, rss = r.get("activation_bytes"), r.get("peak_rss_bytes")
-        rel = r.get("step_relative_to_standard")
-        print(f"{mode:<16}{'' if act is None else f'{act / 2**20:.1f}':>15}{'' if rss is None else f'{rss / 2**20:.0f}':>13}"
-              f"{r['step_seconds']:>9.3f}{'' if rel is None else f'{rel:.2f}':>12}")
-
-
-# ------------------------------------------------------------------------------------------
-# counting what is kept for backward
-
-
-def _key(t: Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
-
-
-class SavedTensors:
-    """Unique storages kept for backward by the forward run inside `with counter:`, plus tensors
-    reachable from the graph of the outputs passed to `add_graph` (ctx attributes and the like).
-    Tensors sharing storage with `exclude` (parameters, buffers) are not counted."""
-
-    def __init__(self, exclude: Iterable[Tensor] = ()):
-        self.excluded = {_key(t) for t in exclude}
-        self.storages: dict[tuple[str, int], int] = {}
-        self.graph_only: set[tuple[str, int]] = set()
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _add(self, t: Tensor) -> bool:
-        key = _key(t)
-        if key in self.excluded or key in self.storages:
-            return False
-        self.storages[key] = t.untyped_storage().nbytes()
-        return True
-
-    def _pack(self, t: Tensor) -> Tensor:
-        self._add(t)
-        return t
-
-    def __enter__(self) -> "SavedTensors":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-    def add_graph(self, outputs: Iterable[Tensor]) -> None:
-        """Walk grad_fn.next_functions from the outputs; count tensors held in the attributes of
-        Python (custom Function) nodes, e.g. `ctx.x = x` instead of `ctx.save_for_backward(x)`."""
-        stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
-        seen = set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for t in _tensors_in(getattr(node, "__dict__", {}), depth=3):
-                if self._add(t):
-                    self.graph_only.add(_key(t))
-            stack.extend(n for n, _ in node.next_functions)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.storages.values())
-
-    @property
-    def graph_only_bytes(self) -> int:
-        return sum(self.storages[k] for k in self.graph_only)
-
-
-def _tensors_in(obj: Any, depth: int) -> Iterable[Tensor]:
-    """Tensors in obj, looking into containers and plain objects' attributes (not modules,
-    whose parameters and buffers are not activations)."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif depth == 0 or isinstance(obj, (nn.Module, str, bytes, type)) or callable(obj):
-        return
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, depth - 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            yield from _tensors_in(v, depth - 1)
-    elif hasattr(obj, "__dict__"):
-        yield from _tensors_in(vars(obj), depth - 1)
+    print(f"{'frames':>6} {'mode':<16}{'activation MB':>15}{'peak RSS MB':>13}{'- baseline':>12}{'step s':>9}{'x standard':>12}")
+    for frames, modes in report["by_frames"].items():
+        for mode, r in modes.items():
+            act, rss, base = r.get("activation_bytes"), r.get("peak_rss_bytes"), r.get("baseline_rss_bytes")
+            rel = r.get("step_relative_to_standard")
+            print(f"{frames:>6} {mode:<16}{'' if act is None else f'{act / 2**20:.1f}':>15}{'' if rss is None else f'{rss / 2**20:.0f}':>13}"
+                  f"{'' if rss is None else f'{(rss - base) / 2**20:.0f}':>12}{r['step_seconds']:>9.3f}{'' if rel is None else f'{rel:.2f}':>12}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,6 +313,8 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     del outs
     result["activation_bytes"] = counter.total_bytes
     result["activation_bytes_outside_saved_tensors"] = counter.graph_only_bytes
+    if spec["backbone"] is not None and spec["precision"] == "fp32":  # the plan does not emulate autocast
+        result.update(predict_memory(spec))
 
     for _ in range(spec["warmup"]):
         runner.step()
@@ -344,6 +327,18 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["mode"].startswith("reversible"):
         result.update(measure_drift(runner, spec["seed"]))
     return result
+
+
+def predict_memory(spec: dict[str, Any]) -> dict[str, int]:
+    """`re2tal plan`'s count of this mode's step: the same backbone on the meta device."""
+    from re2tal.backbones import build_backbone
+    from re2tal.training.plan import measure_step
+
+    with torch.device("meta"):
+        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"])).train()
+    device_type = "cuda" if spec["device"].startswith("cuda") else "cpu"
+    step = measure_step(model, spec["input_shape"], torch.float32, device_type, keep_grads=True)
+    return {"predicted_activation_bytes": step.activations_backbone, "predicted_peak_tensor_bytes": step.peak}
 
 
 def measure_speed(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -126,8 +126,9 @@ class _Precision:
     @classmethod
     def of(cls, x: Tensor, fp32_streams: bool) -> "_Precision":
         dev = x.device.type
-        autocast = torch.is_autocast_enabled(dev)
-        autocast_dtype = torch.get_autocast_dtype(dev)
+        # devices without autocast (the meta device of `re2tal plan`) never run under it
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        autocast_dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
         if fp32_streams:
             stream = torch.promote_types(x.dtype, torch.float32)
         else:
@@ -143,17 +144,26 @@ class _Precision:
     def output(self, a: Tensor, b: Tensor) -> Tensor:
         return ((a + b) * 0.5).to(self.out)
 
-    def autocast_ctx(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast)
+    def autocast_ctx(self) -> torch.autocast | nullcontext:
+        if not self.autocast:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
 def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
-    """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b))."""
+    """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b)).
+
+    Without grad, from step 2 on a_i = a_{i-1} + F_i is written into a_{i-1}'s buffer (made
+    here, no longer needed): two stream buffers for the whole stage instead of one per step plus
+    a stream-dtype copy of F_i's output (the sum promotes it). Steps 0 and 1 read x's buffer."""
     a = b = x.to(spec.stream)
+    in_place = not torch.is_grad_enabled()
     with _rng_substreams(spec.device, seed) as select:
         for i, fn in enumerate(fns):
             select(i)
-            a, b = b, a + fn(spec.fn_input(b)).to(spec.stream)
+            f = fn(spec.fn_input(b))
+            a, b = b, a.add_(f) if in_place and i >= 2 else a + f.to(spec.stream)
+            del f
     return a, b
 
 
@@ -206,17 +216,21 @@ class _RevFunction(torch.autograd.Function):
         a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0."""
         a, b = ctx.saved_tensors
         if ctx.from_output:
-            a = torch.sub(a * 2, b)  # a_n = 2 y - b_n
+            a = b.mul(-1).add_(a, alpha=2)  # a_n = 2 y - b_n; y is the caller's, never written
         fns, spec = ctx.fns, ctx.spec
         ga = gb = dy.to(spec.stream) * 0.5
+        # Memory: from the third step on, a_{i-1} = b_i - f is written into b_i's buffer (made
+        # by this loop two steps before, no longer needed), so the backward allocates no stream
+        # per step and no stream-dtype copy of f; the saved (a_n, b_n) are never written, so a
+        # retained graph can run backward again.
         with _rng_substreams(spec.device, ctx.seed) as select, running_stats_kept(ctx.blocks), spec.autocast_ctx():
-            for i in reversed(range(len(fns))):
+            for k, i in enumerate(reversed(range(len(fns)))):
                 select(i)
                 z = a.detach().requires_grad_()
                 with torch.enable_grad():
                     f = fns[i](spec.fn_input(z))
                 if i > 0:
-                    a = b - f.detach().to(spec.stream)
+                    a = b.sub_(f.detach()) if k >= 2 else b - f.detach().to(spec.stream)
                 b = z.detach()
                 # One evaluation of F_i serves both the reconstruction above and this backward;
                 # parameter .grad accumulates through the ordinary path, so DDP / ZeRO gradient

@@ -35,7 +35,8 @@ def print_summary(cfg: Config, metrics: dict[str, Any]) -> None:
     for key in sorted(k for k in metrics if k.startswith("mAP_")):
         table.add_row(f"mAP@{key.removeprefix('mAP_')}", f"{metrics[key]:.4f}")
     rows = [("average mAP", "average_mAP", "{:.4f}"), ("average mAP of random predictions", "random_average_mAP", "{:.4f}"),
-            ("peak memory per worker (GB)", "peak_memory_gb", "{:.2f}"), ("clips / s", "clips_per_s", "{:.2f}"),
+            ("peak memory per worker (GB)", "peak_memory_gb", "{:.2f}"),
+            ("predicted peak memory per worker (GB)", "predicted_peak_memory_gb", "{:.2f}"), ("clips / s", "clips_per_s", "{:.2f}"),
             ("videos / s", "videos_per_s", "{:.2f}"), ("data-wait fraction", "data_wait_fraction", "{:.3f}"),
             ("optimizer steps", "step", "{}"), ("epochs", "epoch", "{}")]
     for label, key, fmt in rows:

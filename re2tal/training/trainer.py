@@ -151,9 +151,11 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
 
     from re2tal import tracking
     from re2tal.training.loop import train_loop_per_worker
+    from re2tal.training.plan import announce_prediction
 
     cfg = absolute_paths(cfg)
     annotations = prepare(cfg)
+    predicted_gb = announce_prediction(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
     if not local:
@@ -161,6 +163,8 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, extra_tags)
+        if predicted_gb is not None:  # next to the workers' measured peak_memory_gb
+            tracking.Tracker(uri, run_id).metrics({"predicted_peak_memory_gb": predicted_gb}, step=0)
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
     progress = Progress(queue.Queue() if local else driver_queue(), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
@@ -190,6 +194,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
         metrics = dict(result.metrics or {})
         metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
         metrics["mlflow_run_id"] = run_id
+        metrics["predicted_peak_memory_gb"] = predicted_gb
         progress.close()
         if progress.stopped:
             raise TrainingStopped(progress.stopped)

@@ -1,0 +1,253 @@
+"""`re2tal bench gpu --out DIR`: every check that needs a GPU, in one command.
+
+Sized to finish in under 8 minutes on one H100 / H200 (sections past a time budget are recorded
+as skipped, not run):
+
+1. `torchvision`: our Swin-T equals torchvision's swin3d_t features on CUDA (same random
+   weights), fp32 and bf16: max |ours - theirs| / max |theirs|.
+2. `reversible_gradients`: reversible vs plain-autograd gradients of the same rewired model on
+   CUDA (bench memory's drift measure): fp32, bf16 autocast with fp32 streams and with streams
+   in bf16, for swin_t and slowfast_r101 at 32 frames, 224 px.
+3. `memory`: peak `torch.cuda.max_memory_allocated` above the model and input, and step time
+   (median of 2 after a warm-up), of one forward + backward of the backbone (batch 1, weights
+   and input in bf16 as a DeepSpeed bf16 engine holds them, loss = sum of the output) for
+   standard / checkpoint / reversible at 96, 192, 384 and 768 frames, 224 px, swin_t and
+   slowfast_r101, each next to `re2tal plan`'s prediction of the same step; out-of-memory is
+   recorded as such.
+4. `debug_training`: 20 optimizer steps of configs/debug.yaml with train.use_gpu=true, bf16, one
+   worker (a synthetic set of 20 training videos in DIR), with the predicted and measured peak.
+
+Writes DIR/gpu.json and DIR/gpu_memory.png (memory against frames, measured and predicted).
+Without a CUDA device it exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from re2tal.errors import BadInput
+
+FRAMES = (96, 192, 384, 768)
+BACKBONES = ("swin_t", "slowfast_r101")
+MODES = ("standard", "checkpoint", "reversible")
+SIZE = 224
+BUDGET_S = 420  # sections starting later than this are skipped (the whole must stay under 8 min)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise BadInput("no CUDA GPU on this machine (torch.cuda.is_available() is False); run it where one is")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    device = torch.device("cuda")
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                              "memory_total_gb": torch.cuda.get_device_properties(device).total_memory / 2**30}
+    sections: list[tuple[str, Callable[[], Any]]] = [
+        ("torchvision", lambda: torchvision_parity(device)),
+        ("reversible_gradients", lambda: reversible_gradients(device)),
+        ("memory", lambda: memory_sweep(device, started)),
+        ("debug_training", lambda: debug_training(out)),
+    ]
+    failed = []
+    for name, run in sections:
+        if time.perf_counter() - started > BUDGET_S:
+            report[name] = {"skipped": "time budget spent"}
+            continue
+        print(f"bench gpu: {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            report[name] = run()
+        except Exception as err:  # one failed check must not hide the others' results
+            report[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+            failed.append(name)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        torch.cuda.empty_cache()
+    report["seconds"] = time.perf_counter() - started
+    (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    if isinstance(report.get("memory"), dict) and "runs" in report["memory"]:
+        plot_memory(report["memory"]["runs"], out / "gpu_memory.png")
+    print(json.dumps(summary(report), indent=2))
+    if failed:
+        print(f"bench gpu: failed: {', '.join(failed)} (see {out / 'gpu.json'})")
+    return 1 if failed else 0
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of the report."""
+    s: dict[str, Any] = {"device": report["device"], "seconds": round(report["seconds"], 1)}
+    for key in ("torchvision", "reversible_gradients", "debug_training"):
+        s[key] = report.get(key)
+    runs = report.get("memory", {}).get("runs", []) if isinstance(report.get("memory"), dict) else []
+    s["memory_gb"] = {f"{r['backbone']} {r['mode']} {r['frames']}": (
+        "oom" if r.get("oom") else round(r["peak_gb"], 2), round(r["predicted_peak_gb"], 2)) for r in runs if "predicted_peak_gb" in r}
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Swin-T against torchvision
+
+
+def torchvision_parity(device: torch.device) -> dict[str, float]:
+    from torchvision.models.video import swin3d_t
+
+    from re2tal.backbones import build_backbone
+    from re2tal.config import BackboneConfig
+
+    torch.manual_seed(0)
+    ref = swin3d_t().eval()
+    ours = build_backbone(BackboneConfig(name="swin_t", reversible=False, drop_path=0.0)).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("head.")})
+    x = torch.randn(2, 3, 32, SIZE, SIZE)
+    out = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ref_d, ours_d = ref.to(device, dtype), ours.to(device, dtype)
+        with torch.no_grad():
+            xd = x.to(device, dtype)
+            a = ours_d(xd).float()
+            b = ref_d.norm(ref_d.features(ref_d.patch_embed(xd))).permute(0, 4, 1, 2, 3).float()
+        out[f"{precision}_max_relative_error"] = ((a - b).abs().max() / b.abs().max()).item()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. reversible against plain autograd
+
+
+def reversible_gradients(device: torch.device) -> dict[str, dict[str, float]]:
+    from re2tal.bench.model import Runner, build_model, measure_drift
+
+    out = {}
+    for backbone in BACKBONES:
+        for label, mode, precision in (("fp32", "reversible", "fp32"), ("bf16_fp32_streams", "reversible", "bf16"),
+                                       ("bf16_bf16_streams", "reversible_lowp", "bf16")):
+            spec = {"seed": 0, "device": str(device), "backbone": backbone, "mode": mode, "input_shape": [1, 3, 32, SIZE, SIZE]}
+            model, x = build_model(spec)
+            out[f"{backbone}_{label}"] = measure_drift(Runner(model, x, precision), seed=0)
+            del model, x
+            torch.cuda.empty_cache()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. memory and time against frames, next to the plan
+
+
+def memory_sweep(device: torch.device, started: float) -> dict[str, Any]:
+    runs = []
+    for backbone in BACKBONES:
+        for mode in MODES:
+            for frames in FRAMES:
+                run = {"backbone": backbone, "mode": mode, "frames": frames}
+                if time.perf_counter() - started > BUDGET_S:
+                    run["skipped"] = "time budget spent"
+                else:
+                    run.update(measure_cuda_step(backbone, mode, frames, device))
+                    run.update(predict_step(backbone, mode, frames))
+                    if "peak_gb" in run:
+                        run["predicted_over_measured"] = run["predicted_peak_gb"] / run["peak_gb"]
+                runs.append(run)
+                print(f"  {backbone} {mode} {frames}: {run}", flush=True)
+    return {"size": SIZE, "batch_size": 1, "dtype": "bfloat16", "runs": runs}
+
+
+def _backbone(backbone: str, mode: str):
+    from re2tal.backbones import build_backbone
+    from re2tal.config import BackboneConfig
+
+    return build_backbone(BackboneConfig(name=backbone, reversible=mode == "reversible", activation_checkpointing=mode == "checkpoint"))
+
+
+def measure_cuda_step(backbone: str, mode: str, frames: int, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = _backbone(backbone, mode).to(device, torch.bfloat16).train()
+    x = torch.randn(1, 3, frames, SIZE, SIZE, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model(x).float().sum().backward()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    try:
+        step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats(device)
+        times = [step() for _ in range(2)]
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return {"peak_gb": peak / 2**30, "step_seconds": statistics.median(times)}
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    finally:
+        del model, x
+        torch.cuda.empty_cache()
+
+
+def predict_step(backbone: str, mode: str, frames: int) -> dict[str, float]:
+    from re2tal.training.plan import measure_step
+
+    with torch.device("meta"):
+        model = _backbone(backbone, mode)
+    model = model.to(torch.bfloat16).train()
+    step = measure_step(model, (1, 3, frames, SIZE, SIZE), torch.bfloat16, "cuda", keep_grads=True)
+    return {"predicted_peak_gb": step.peak / 2**30, "predicted_activation_gb": step.activations_backbone / 2**30}
+
+
+def plot_memory(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BACKBONES), figsize=(5.5 * len(BACKBONES), 4), squeeze=False)
+    for ax, backbone in zip(axes[0], BACKBONES):
+        for i, mode in enumerate(MODES):
+            rs = [r for r in runs if r["backbone"] == backbone and r["mode"] == mode and "predicted_peak_gb" in r]
+            colour = f"C{i}"
+            measured = [r for r in rs if "peak_gb" in r]
+            ax.plot([r["frames"] for r in measured], [r["peak_gb"] for r in measured], marker="o", color=colour, label=f"{mode} measured")
+            ax.plot([r["frames"] for r in rs], [r["predicted_peak_gb"] for r in rs], linestyle="--", marker="x", color=colour,
+                    label=f"{mode} re2tal plan")
+        ax.set_xlabel("frames (224 px, batch 1, bf16)")
+        ax.set_ylabel("peak CUDA memory above the model, GB")
+        ax.set_title(backbone)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. the debug config on the GPU
+
+
+def debug_training(out: Path) -> dict[str, Any]:
+    from re2tal.config import load_config
+    from re2tal.training.trainer import fit
+
+    root = Path(__file__).resolve().parents[2]
+    overrides = {
+        "data.annotations": str(out / "synth" / "annotations.json"), "data.synth.videos": 32, "data.synth.val_videos": 12,
+        "train.use_gpu": True, "train.num_workers": 1, "train.epochs": 1, "train.name": "bench-gpu-debug",
+        "train.storage_path": str(out / "runs"), "deepspeed.precision": "bf16",
+        "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "head.frame_loss_epochs": 1,
+    }
+    shutil.rmtree(out / "runs" / "bench-gpu-debug", ignore_errors=True)  # a finished run would only be reported again
+    cfg = load_config(root / "configs" / "debug.yaml", [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
+    started = time.perf_counter()
+    metrics = fit(cfg, show_progress=False)
+    keep = ("step", "loss", "average_mAP", "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s")
+    return {**{k: metrics.get(k) for k in keep}, "seconds": time.perf_counter() - started}
