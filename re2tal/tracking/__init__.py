@@ -87,10 +87,8 @@ def open_run(cfg: Config, extra_tags: Mapping[str, str] | None = None) -> tuple[
     uri = resolve_uri(cfg.tracking.tracking_uri)
     client = _client(uri)
     exp_id = _experiment_id(client, cfg.tracking, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{cfg.train.name}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+    run_id = reopen_run(client, exp_id, RUN_TAG, cfg.train.name)
+    if run_id is not None:
         return uri, run_id, True
     tags = {
         RUN_TAG: cfg.train.name,
@@ -104,6 +102,15 @@ def open_run(cfg: Config, extra_tags: Mapping[str, str] | None = None) -> tuple[
     log_config(client, run_id, cfg)
     client.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"re2tal run `{cfg.train.name}`")])
     return uri, run_id, False
+
+
+def reopen_run(client, exp_id: str, tag: str, value: str) -> str | None:
+    """The id of the experiment's run tagged `tag = value`, set RUNNING again; None if none."""
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+    if not found:
+        return None
+    client.update_run(found[0].info.run_id, status="RUNNING")
+    return found[0].info.run_id
 
 
 def log_config(client, run_id: str, cfg: Config, artifact_file: str = "config/resolved.yaml") -> None:

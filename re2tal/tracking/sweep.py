@@ -12,7 +12,7 @@ import time
 from typing import Any, Mapping
 
 from re2tal.config import Config
-from re2tal.tracking import RUN_TAG, _client, _experiment_id, git_commit, log_config, resolve_uri
+from re2tal.tracking import RUN_TAG, _client, _experiment_id, git_commit, log_config, reopen_run, resolve_uri
 
 SWEEP_RUN_TAG = "re2tal.sweep_run"  # on the parent: the sweep name
 PARENT_TAG = "mlflow.parentRunId"  # on each child: the parent's run id (MLflow's nesting tag)
@@ -26,10 +26,8 @@ def open_sweep_run(cfg: Config) -> tuple[str, str, str, bool]:
     uri = resolve_uri(cfg.tracking.tracking_uri)
     client = _client(uri)
     exp_id = _experiment_id(client, cfg.tracking, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_RUN_TAG}` = '{cfg.tune.name}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+    run_id = reopen_run(client, exp_id, SWEEP_RUN_TAG, cfg.tune.name)
+    if run_id is not None:
         return uri, run_id, exp_id, True
     tags = {SWEEP_RUN_TAG: cfg.tune.name, "git_commit": git_commit(),
             "mlflow.note.content": f"re2tal sweep `{cfg.tune.name}`: one child run per trial, the summary under `summary/`"}
@@ -106,13 +104,16 @@ def map_memory_figure(rows: list[dict[str, Any]], labels: list[str], budget_gb: 
         ax.annotate(f"{text} ({row['status']})" if row["status"] != "ok" else text, (row["peak_memory_gb"], value or 0.0),
                     textcoords="offset points", xytext=(5, 4), fontsize="x-small")
     if budget_gb is not None:
-        ax.axvline(budget_gb, linestyle="--", color="gray", label=f"memory budget {budget_gb:g} GB")
+        ax.axvline(budget_gb, linestyle="--", color="gray")
     handles = [plt.Line2D([], [], color=colours[b], marker="s", linestyle="", label=b) for b in backbones]
     handles += [plt.Line2D([], [], color="black", marker="o", linestyle="", label="reversible"),
                 plt.Line2D([], [], color="black", marker="X", linestyle="", label="not reversible")]
     if budget_gb is not None:
         handles.append(plt.Line2D([], [], color="gray", linestyle="--", label=f"budget {budget_gb:g} GB"))
     ax.legend(handles=handles, fontsize="small", loc="best")
+    peaks = [r["peak_memory_gb"] for r in rows if r.get("peak_memory_gb") is not None] + [budget_gb or 0.0]
+    ax.set_xlim(0, 1.15 * max(peaks) or 1.0)  # from 0: mAP per GB reads off the slope
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("peak memory per worker (GB)")
     ax.set_ylabel("average mAP")
     ax.set_title(title)

@@ -72,19 +72,24 @@ def tune_command(args: argparse.Namespace) -> int:
 
     from re2tal import console as quiet
     from re2tal.tuning import sweep
+    from re2tal.tuning.space import swept_keys
     from re2tal.tuning.summary import fmt
 
     cfg: Config = args.cfg
     if not args.verbose:
         quiet.quiet_driver()
     result = sweep(cfg, verbose=args.verbose)
+    # A case's keys are said by its name; the CSV on the parent run has them all.
+    case_keys = set(swept_keys(cfg.tune)) - set(cfg.tune.space)
+    columns = [c for c in result.columns if c not in case_keys]
     table = Table(title=f"sweep {cfg.tune.name}: {len(result.rows)} trials, best {cfg.tune.metric} ({cfg.tune.mode}) first")
-    short = [c.rsplit(".", 1)[-1] if c.startswith(("augment.", "backbone.", "data.", "optim.", "head.")) else c for c in result.columns]
-    for column, header in zip(result.columns, short if len(set(short)) == len(short) else result.columns):
-        table.add_column(header, justify="right" if column.startswith(("mAP_", "average", "peak", "clips", "step")) else "left")
+    for column in columns:
+        table.add_column(_header(column), justify="right" if column.startswith(("mAP_", "average", "peak", "clips", "step")) else "left")
     for row in result.rows:
-        table.add_row(*(fmt(row.get(c)) for c in result.columns))
+        table.add_row(*(fmt(row.get(c)) for c in columns))
     console = Console()
+    if not console.is_terminal:  # a job log: no 80-column squeeze
+        console = Console(width=max(console.width, 160))
     console.print(table)
     for row in result.rows:
         if row.get("error"):
@@ -98,6 +103,16 @@ def tune_command(args: argparse.Namespace) -> int:
     if result.parent_run_id:
         print_mlflow_link(console, cfg, f"MLflow parent run {result.parent_run_id}")
     return 0 if result.best is not None else 1
+
+
+def _header(column: str) -> str:
+    """Short table header of a summary column: `mAP@0.50`, `hflip` for `augment.hflip`."""
+    names = {"average_mAP": "avg mAP", "peak_memory_gb": "peak GB", "clips_per_s": "clips/s"}
+    if column in names:
+        return names[column]
+    if column.startswith("mAP_"):
+        return "mAP@" + column.removeprefix("mAP_")
+    return column.rsplit(".", 1)[-1]
 
 
 def eval_command(args: argparse.Namespace) -> int:
