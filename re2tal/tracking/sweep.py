@@ -19,21 +19,21 @@ PARENT_TAG = "mlflow.parentRunId"  # on each child: the parent's run id (MLflow'
 TRIAL_STATUS_TAG = "re2tal.trial_status"  # on each child once the sweep has seen it end
 
 
-def open_sweep_run(cfg: Config) -> tuple[str, str, str, bool]:
+def open_sweep_run(cfg: Config) -> tuple[str, str, bool]:
     """Start (or find and re-open) the parent run of sweep `cfg.tune.name`.
 
-    Returns (tracking uri, parent run id, experiment id, resumed)."""
+    Returns (tracking uri, parent run id, resumed)."""
     uri = resolve_uri(cfg.tracking.tracking_uri)
     client = _client(uri)
     exp_id = _experiment_id(client, cfg.tracking, uri)
     run_id = reopen_run(client, exp_id, SWEEP_RUN_TAG, cfg.tune.name)
     if run_id is not None:
-        return uri, run_id, exp_id, True
+        return uri, run_id, True
     tags = {SWEEP_RUN_TAG: cfg.tune.name, "git_commit": git_commit(),
             "mlflow.note.content": f"re2tal sweep `{cfg.tune.name}`: one child run per trial, the summary under `summary/`"}
     run = client.create_run(exp_id, run_name=cfg.tune.name, tags=tags)
     log_config(client, run.info.run_id, cfg, "config/sweep.yaml")
-    return uri, run.info.run_id, exp_id, False
+    return uri, run.info.run_id, False
 
 
 def child_runs(uri: str, parent_id: str) -> dict[str, Any]:

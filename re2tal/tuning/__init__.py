@@ -31,7 +31,6 @@ class SweepResult:
     best: dict[str, Any] | None  # the best finished trial's row
     best_config: str | None  # where its config YAML was written
     parent_run_id: str | None
-    experiment_url: str | None
 
 
 def _trial(params: dict[str, Any], base: Config, parent_run_id: str | None) -> None:
@@ -39,9 +38,9 @@ def _trial(params: dict[str, Any], base: Config, parent_run_id: str | None) -> N
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from re2tal.tracking.sweep import PARENT_TAG
     from re2tal.training.trainer import fit
     from re2tal.tuning.space import trial_overrides
-    from re2tal.tracking.sweep import PARENT_TAG
 
     trial_id = tune.get_context().get_trial_id()
     cfg = base.with_overrides({**trial_overrides(params, base.tune), "train.name": trial_name(base, trial_id)})
@@ -72,17 +71,17 @@ def sweep(cfg: Config, verbose: bool = False) -> SweepResult:
     if not verbose:  # Tune's newer console output prints experiment and error blocks even when silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     init_ray(verbose)
-    uri = parent_id = url = None
+    uri = parent_id = None
     if cfg.tracking.enabled:  # before any trial: the trials' runs nest under it (and the database exists)
-        from re2tal.tracking import experiment_url
         from re2tal.tracking.sweep import open_sweep_run
 
-        uri, parent_id, exp_id, _ = open_sweep_run(cfg)
-        url = experiment_url(uri, exp_id)
+        uri, parent_id, _ = open_sweep_run(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
-    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs / GPUs (Tune
-    # refuses an empty resource request, hence a token 0.01 CPU).
-    trainable = tune.with_parameters(tune.with_resources(_trial, {"CPU": 0.01}), base=cfg, parent_run_id=parent_id)
+    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs / GPUs. Tune
+    # refuses an empty resource request, and a token fraction of a CPU would leave a trial whose
+    # workers want all of a node's CPUs (the debug setup: 2 workers on 2 cores) unschedulable:
+    # the driver asks for a token 1 MiB of Ray's memory resource instead.
+    trainable = tune.with_parameters(tune.with_resources(_trial, {"memory": 2**20}), base=cfg, parent_run_id=parent_id)
     path = f"{storage_path.rstrip('/')}/{cfg.tune.name}"
     status = "FAILED"
     try:
@@ -92,7 +91,7 @@ def sweep(cfg: Config, verbose: bool = False) -> SweepResult:
             tuner = tune.Tuner(trainable, param_space=param_space(cfg.tune), tune_config=_tune_config(cfg),
                                run_config=_run_config(cfg, storage_path, storage_fs, verbose))
         results = tuner.fit()
-        result = summarise(cfg, results, uri, parent_id, url)
+        result = summarise(cfg, results, uri, parent_id)
         status = "FINISHED"
         return result
     finally:
@@ -126,7 +125,7 @@ def _run_config(cfg: Config, storage_path: str, storage_fs, verbose: bool):
                           verbose=None if verbose else 0, callbacks=None if verbose else [TrialLines(cfg)])
 
 
-def summarise(cfg: Config, results, uri: str | None, parent_id: str | None, url: str | None) -> SweepResult:
+def summarise(cfg: Config, results, uri: str | None, parent_id: str | None) -> SweepResult:
     """Rows of every trial, the best trial's config written next to the sweep's Tune state, and
     (with tracking) the summary on the parent run and the trials' child runs closed."""
     from re2tal.data.storage import filesystem
@@ -146,7 +145,7 @@ def summarise(cfg: Config, results, uri: str | None, parent_id: str | None, url:
             f.write(best_yaml)
     if parent_id is not None:
         _log_to_parent(cfg, rows, cols, best, best_yaml, uri, parent_id)
-    return SweepResult(rows, cols, best, best_path, parent_id, url)
+    return SweepResult(rows, cols, best, best_path, parent_id)
 
 
 def _log_to_parent(cfg: Config, rows, cols, best, best_yaml, uri: str, parent_id: str) -> None:
