@@ -42,6 +42,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.epochs=3 --set backbone.reversible=false (repeatable)")
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="also show Ray's, DeepSpeed's and MLflow's own log lines (and Tune's status tables)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="re2tal",
@@ -54,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train end to end from raw frames. Re-running with the same train.name resumes from its last checkpoint.")
     _config_args(p)
     p.add_argument("--local", action="store_true", help="run in-process (Ray Train local mode, num_workers=0) so a debugger works")
+    _verbose_arg(p)
 
     p = sub.add_parser("tune", help="sweep config keys with Ray Tune (tune.space in the config)",
-                       description="Run a Ray Tune sweep of training runs over the search space in the config's tune section.")
+                       description="Run a Ray Tune sweep of training runs over the config's tune section (space, cases, search). "
+                                   "Re-running the same tune.name resumes it under the same MLflow parent run.")
     _config_args(p)
+    _verbose_arg(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation subset (mAP)",
                        description="Predict on the validation subset with a checkpoint and compute mAP at the configured tIoU thresholds.")

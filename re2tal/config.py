@@ -445,45 +445,96 @@ class DeepSpeedConfig(Section):
 
 
 class SearchDim(Section):
-    """One dimension of a search space: exactly one of the four forms."""
+    """One dimension of a search space: exactly one of the five forms."""
 
-    choice: list[Any] | None = Field(None, description="Pick one of these values.")
+    choice: list[Any] | None = Field(None, description="Pick one of these values (search: grid enumerates them all).")
+    grid: list[Any] | None = Field(None, description="Every one of these values, crossed with the other grid keys and the cases.")
     uniform: tuple[float, float] | None = Field(None, description="Uniform float in [low, high].")
     loguniform: tuple[PositiveFloat, PositiveFloat] | None = Field(None, description="Log-uniform float in [low, high].")
     randint: tuple[int, int] | None = Field(None, description="Integer in [low, high).")
 
     @model_validator(mode="after")
     def _one(self) -> "SearchDim":
-        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        given = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of choice / uniform / loguniform / randint, got {given or 'none'}")
+            raise ValueError(f"give exactly one of choice / grid / uniform / loguniform / randint, got {given or 'none'}")
+        values = self.choice if self.choice is not None else self.grid
+        if values is not None and not values:
+            raise ValueError(f"{given[0]}: needs at least one value")
         return self
 
     def bounds(self) -> list[Any]:
         """Values at the edges of the dimension (validated against the config at load)."""
-        if self.choice is not None:
-            return list(self.choice)
+        if self.choice is not None or self.grid is not None:
+            return list(self.choice if self.choice is not None else self.grid)
         if self.randint is not None:
             return [self.randint[0], self.randint[1] - 1]
         return list(self.uniform or self.loguniform)
 
+    @property
+    def enumerable(self) -> bool:
+        return self.choice is not None or self.grid is not None
+
+
+CASE_NAME = "name"  # the key of a tune.cases entry that labels it rather than setting a config key
+
 
 class TuneConfig(Section):
-    """Ray Tune sweep over config keys (augmentations, backbone choices, learning rates)."""
+    """Ray Tune sweep over config keys (augmentations, backbone choices, learning rates).
 
-    name: str = Field("re2tal-tune", description="Sweep name (re-running the same name resumes it).")
-    num_samples: PositiveInt = Field(8, description="Trials to sample.")
+    The trials are the grid keys crossed with the cases (or one point if neither is given), each
+    repeated `num_samples` times with fresh draws of the sampled keys, as Ray Tune's
+    BasicVariantGenerator does; with `search: optuna` Optuna proposes `num_samples` trials."""
+
+    name: str = Field("re2tal-tune", description="Sweep name (re-running the same name resumes it, under the same MLflow parent run).")
+    search: Literal["random", "grid", "optuna"] = Field("random", description="How trials are chosen: `random` samples choice / uniform / loguniform / randint keys and enumerates grid keys and cases; `grid` also enumerates choice keys (only enumerable keys allowed); `optuna` lets Optuna's TPE sampler propose values (through Ray Tune's OptunaSearch; no grid keys or cases).")
+    num_samples: PositiveInt = Field(8, description="Ray Tune's num_samples: random / grid search run every grid point x case this many times (1 for a plain grid); optuna runs this many trials.")
     metric: str = Field("average_mAP", description="Metric to optimise.")
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Trial scheduler (asha stops weak trials early).")
     grace_period_epochs: PositiveInt = Field(1, description="asha: epochs before a trial may be stopped.")
     max_concurrent_trials: PositiveInt = Field(1, description="Trials run at the same time.")
-    space: dict[str, SearchDim] = Field(default_factory=dict, description="Dotted config key -> search dimension, e.g. `augment.hflip: {choice: [true, false]}`.")
+    memory_budget_gb: PositiveFloat | None = Field(None, description="Per-worker peak memory limit (GB = 2^30 bytes; CUDA: max allocated, CPU: peak RSS): a trial that reports more is stopped and recorded `infeasible`. None: no limit.")
+    space: dict[str, SearchDim] = Field(default_factory=dict, description="Dotted config key -> search dimension, e.g. `augment.hflip: {grid: [true, false]}`.")
+    cases: list[dict[str, Any]] = Field(default_factory=list, description=f"Explicit trials, each a mapping of dotted config keys to values (an optional `{CASE_NAME}` labels it in the summary), crossed with the grid keys; e.g. the rows of an ablation table.")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return TrainConfig._name(v)
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> "TuneConfig":
+        if self.search == "grid":
+            for key, dim in self.space.items():
+                if not dim.enumerable:
+                    raise ValueError(f"space.{key}: search: grid can only enumerate choice / grid values")
+        if self.search == "optuna":
+            for key, dim in self.space.items():
+                if dim.grid is not None:
+                    raise ValueError(f"space.{key}: search: optuna proposes values itself; use choice instead of grid")
+            if self.cases:
+                raise ValueError("cases: search: optuna proposes values itself; explicit cases need search: random or grid")
+        for i, case in enumerate(self.cases):
+            name = case.get(CASE_NAME)
+            if name is not None and not isinstance(name, str):
+                raise ValueError(f"cases.{i}.{CASE_NAME}: must be text, got {name!r}")
+            if not any(k != CASE_NAME for k in case):
+                raise ValueError(f"cases.{i}: sets no config key")
+            both = sorted(set(case) & set(self.space))
+            if both:
+                raise ValueError(f"cases.{i}: {both[0]} is also a key of tune.space")
+        names = [c[CASE_NAME] for c in self.cases if c.get(CASE_NAME) is not None]
+        if len(names) != len(set(names)):
+            raise ValueError(f"cases: case names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        return self
+
+    def case_label(self, index: int) -> str:
+        """A case's name, or its overrides as `key=value` text."""
+        case = self.cases[index]
+        if case.get(CASE_NAME):
+            return case[CASE_NAME]
+        return " ".join(f"{k}={v}" for k, v in case.items() if k != CASE_NAME)
 
 
 class TrackingConfig(Section):
@@ -668,16 +719,30 @@ def validate(tree: Any) -> Config:
 
 
 def _check_space(cfg: Config) -> None:
-    """Every swept key exists and every edge of its range gives a valid config."""
-    base = apply_overrides(cfg.to_dict(), {"tune.space": {}})
+    """Every swept key exists and every edge of its range, and every case, gives a valid config."""
+    base = apply_overrides(cfg.to_dict(), {"tune.space": {}, "tune.cases": []})
     for key, dim in cfg.tune.space.items():
-        if key.startswith("tune.") or not _is_field(Config, key.split(".")):
-            raise BadInput(f"tune.space.{key}: not a config key that a sweep can set")
+        _check_sweepable(key, f"tune.space.{key}")
         for value in dim.bounds():
             try:
                 Config.model_validate(apply_overrides(base, {key: value}))
             except ValidationError as err:
                 raise BadInput(f"tune.space.{key}: value {value!r} is invalid ({format_error(err)})") from None
+    for i, case in enumerate(cfg.tune.cases):
+        overrides = {k: v for k, v in case.items() if k != CASE_NAME}
+        for key in overrides:
+            _check_sweepable(key, f"tune.cases.{i}.{key}")
+        try:
+            Config.model_validate(apply_overrides(base, overrides))
+        except ValidationError as err:
+            raise BadInput(f"tune.cases.{i}: gives an invalid config ({format_error(err)})") from None
+        except BadInput as err:
+            raise BadInput(f"tune.cases.{i}: {err}") from None
+
+
+def _check_sweepable(key: str, where: str) -> None:
+    if key.startswith("tune.") or key == "train.name" or not _is_field(Config, key.split(".")):
+        raise BadInput(f"{where}: not a config key that a sweep can set")
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:

@@ -393,28 +393,3 @@ def test_ray_job_submit_runs_the_training_job_on_a_token_authenticated_cluster(l
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# a Ray Tune sweep: every trial is a training run with its own MLflow run, tagged with the sweep
-
-
-def test_tune_sweep_runs_each_trial_as_a_training_run(ray_cluster, local_set, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from re2tal.tracking import resolve_uri
-    from re2tal.tuning import SWEEP_TAG, sweep
-
-    monkeypatch.chdir(tmp_path)  # relative paths, as in configs/tune/augment.yaml
-    cfg = tiny_config(tmp_path, os.path.relpath(local_set, tmp_path), "sweep", **{
-        "train.epochs": 1, "train.num_workers": 1, "train.storage_path": "runs", "tracking.tracking_uri": "sqlite:///sweep.db",
-        "tune.name": "sweep", "tune.num_samples": 2, "tune.scheduler": "fifo",
-        "tune.space": {"augment.hflip": {"choice": [True, False]}}})
-    rows = sweep(cfg)
-    assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
-    assert all(0.0 <= r["average_mAP"] <= 1.0 and r["epoch"] == 1 for r in rows), rows
-    client = MlflowClient(resolve_uri("sqlite:///sweep.db"))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = 'sweep'")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" and "average_mAP" in r.data.metrics for r in runs)
-    assert {r.data.params["augment.hflip"].lower() for r in runs} <= {"true", "false"}

@@ -20,6 +20,10 @@ from typing import Any, Iterable, Mapping
 from re2tal.config import Config, TrackingConfig
 
 RUN_TAG = "re2tal.run"
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value
+# selects the machine-learning (training runs) view. 3.17's UI takes the view from the page's
+# `workflowType` parameter instead, hence the same choice in `experiment_url`.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 PARAM_VALUE_CHARS = 6000
 
@@ -42,11 +46,28 @@ def _client(uri: str):
 def _experiment_id(client, cfg: TrackingConfig, uri: str) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an earlier re2tal or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts next to the database, not in whatever cwd is
         location = Path(uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").as_uri()
-    return client.create_experiment(cfg.experiment, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException:  # another process (a concurrent trial) created it first: use theirs
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """Link to the experiment's training-runs view in the MLflow UI (the UI that `mlflow ui`
+    serves on its default address for a database URI)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
@@ -61,15 +82,13 @@ def open_run(cfg: Config, extra_tags: Mapping[str, str] | None = None) -> tuple[
     """Start (or find and re-open) the MLflow run of `cfg.train.name`.
 
     Returns (tracking uri as workers must use it, run id, resumed)."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
     uri = resolve_uri(cfg.tracking.tracking_uri)
     client = _client(uri)
     exp_id = _experiment_id(client, cfg.tracking, uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{cfg.train.name}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+    run_id = reopen_run(client, exp_id, RUN_TAG, cfg.train.name)
+    if run_id is not None:
         return uri, run_id, True
     tags = {
         RUN_TAG: cfg.train.name,
@@ -80,13 +99,29 @@ def open_run(cfg: Config, extra_tags: Mapping[str, str] | None = None) -> tuple[
     }
     run = client.create_run(exp_id, run_name=cfg.train.name, tags=tags)
     run_id = run.info.run_id
+    log_config(client, run_id, cfg)
+    client.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"re2tal run `{cfg.train.name}`")])
+    return uri, run_id, False
+
+
+def reopen_run(client, exp_id: str, tag: str, value: str) -> str | None:
+    """The id of the experiment's run tagged `tag = value`, set RUNNING again; None if none."""
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+    if not found:
+        return None
+    client.update_run(found[0].info.run_id, status="RUNNING")
+    return found[0].info.run_id
+
+
+def log_config(client, run_id: str, cfg: Config, artifact_file: str = "config/resolved.yaml") -> None:
+    """The flattened config as params (secrets left out) and the YAML (secrets masked)."""
+    from mlflow.entities import Param
+
     params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in sorted(cfg.flat().items())]
     params = [Param(p.key, p.value[:PARAM_VALUE_CHARS]) for p in params]
     for i in range(0, len(params), PARAM_BATCH):
         client.log_batch(run_id, params=params[i : i + PARAM_BATCH])
-    client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
-    client.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"re2tal run `{cfg.train.name}`")])
-    return uri, run_id, False
+    client.log_text(run_id, cfg.to_yaml(), artifact_file)
 
 
 def close_run(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:

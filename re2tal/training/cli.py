@@ -11,11 +11,14 @@ from re2tal.config import Config
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from re2tal import console
     from re2tal.training.trainer import TrainingStopped, fit
 
     cfg: Config = args.cfg
+    if not args.verbose:
+        console.quiet_driver()
     try:
-        metrics = fit(cfg, local=args.local)
+        metrics = fit(cfg, local=args.local, verbose=args.verbose)
     except TrainingStopped as err:
         print(f"re2tal train: {err}", file=sys.stderr)
         return 1
@@ -47,29 +50,70 @@ def print_summary(cfg: Config, metrics: dict[str, Any]) -> None:
     if metrics.get("checkpoint"):
         console.print(f"checkpoint: {metrics['checkpoint']}")
     if metrics.get("mlflow_run_id"):
-        from re2tal.tracking import resolve_uri
+        print_mlflow_link(console, cfg, f"MLflow run {metrics['mlflow_run_id']}")
 
-        uri = resolve_uri(cfg.tracking.tracking_uri)
-        console.print(f"MLflow run {metrics['mlflow_run_id']} (experiment {cfg.tracking.experiment!r}) in {uri}")
-        if uri.startswith("sqlite:"):
-            console.print(f"  browse: mlflow ui --backend-store-uri {uri}")
+
+def print_mlflow_link(console, cfg: Config, what: str) -> None:
+    """Where the run is in MLflow, and a link that opens the experiment's training-runs view."""
+    from re2tal.tracking import _client, experiment_url, resolve_uri
+
+    uri = resolve_uri(cfg.tracking.tracking_uri)
+    exp = _client(uri).get_experiment_by_name(cfg.tracking.experiment)
+    console.print(f"{what} (experiment {cfg.tracking.experiment!r}) in {uri}", soft_wrap=True)
+    if uri.startswith("sqlite:"):
+        console.print(f"  browse: mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+    if exp is not None:
+        console.print(f"  open: {experiment_url(uri, exp.experiment_id)}", soft_wrap=True)
 
 
 def tune_command(args: argparse.Namespace) -> int:
+    """Run the sweep; print its trials best first, where the best config is and the MLflow link."""
     from rich.console import Console
     from rich.table import Table
 
+    from re2tal import console as quiet
     from re2tal.tuning import sweep
+    from re2tal.tuning.space import swept_keys
+    from re2tal.tuning.summary import fmt
 
     cfg: Config = args.cfg
-    rows = sweep(cfg)
-    table = Table(title=f"sweep {cfg.tune.name}: {cfg.tune.metric} ({cfg.tune.mode})")
-    for column in rows[0] if rows else ():
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
-    return 0 if any(r["error"] is None for r in rows) else 1
+    if not args.verbose:
+        quiet.quiet_driver()
+    result = sweep(cfg, verbose=args.verbose)
+    # A case's keys are said by its name; the CSV on the parent run has them all.
+    case_keys = set(swept_keys(cfg.tune)) - set(cfg.tune.space)
+    columns = [c for c in result.columns if c not in case_keys]
+    table = Table(title=f"sweep {cfg.tune.name}: {len(result.rows)} trials, best {cfg.tune.metric} ({cfg.tune.mode}) first")
+    for column in columns:
+        table.add_column(_header(column), justify="right" if column.startswith(("mAP_", "average", "peak", "clips", "step")) else "left")
+    for row in result.rows:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    console = Console()
+    if not console.is_terminal:  # a job log: no 80-column squeeze
+        console = Console(width=max(console.width, 160))
+    console.print(table)
+    for row in result.rows:
+        if row.get("error"):
+            console.print(f"trial {row['trial']} ({row['status']}): {row['error']}", soft_wrap=True)
+    if result.best_config:
+        console.print(f"best trial {result.best['trial']}: {cfg.tune.metric} {fmt(result.best[cfg.tune.metric])}; "
+                      f"its config: {result.best_config}", soft_wrap=True)
+        console.print(f"  train it again: re2tal train --config {result.best_config}", soft_wrap=True)
+    else:
+        console.print("no trial finished with a metric: no best config", soft_wrap=True)
+    if result.parent_run_id:
+        print_mlflow_link(console, cfg, f"MLflow parent run {result.parent_run_id}")
+    return 0 if result.best is not None else 1
+
+
+def _header(column: str) -> str:
+    """Short table header of a summary column: `mAP@0.50`, `hflip` for `augment.hflip`."""
+    names = {"average_mAP": "avg mAP", "peak_memory_gb": "peak GB", "clips_per_s": "clips/s"}
+    if column in names:
+        return names[column]
+    if column.startswith("mAP_"):
+        return "mAP@" + column.removeprefix("mAP_")
+    return column.rsplit(".", 1)[-1]
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -38,13 +38,21 @@ def storage_for_ray(storage_path: str, storage: StorageConfig) -> tuple[str, Any
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
     """Connect to the cluster this job runs on (RAY_ADDRESS, set by `ray job submit`), else start
-    a local Ray for the debug mode."""
+    a local Ray for the debug mode. Unless `verbose`, Ray's notes about itself stay off the
+    terminal (re2tal.console)."""
+    import logging
+
     import ray
 
+    from re2tal import console
+
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
+        if not verbose:
+            console.filter_worker_output()
 
 
 def worker_env(cfg: Config) -> dict:
@@ -85,7 +93,7 @@ class Progress:
                 self.bar.n = rec["step"]
                 self.bar.set_postfix(epoch=rec["epoch"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 self.bar.refresh()
-            elif kind == "eval":
+            elif kind == "eval" and not self.bar.disable:
                 self.bar.write(f"epoch {rec['epoch']}: average mAP {rec['average_mAP']:.4f}  " +
                                "  ".join(f"mAP@{t} {v:.3f}" for t, v in rec["mAP"].items()))
             elif kind == "stopped":
@@ -140,10 +148,11 @@ def prepare(cfg: Config):
 
 
 def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extra_tags: dict | None = None,
-        show_progress: bool = True) -> dict:
+        show_progress: bool = True, verbose: bool = False) -> dict:
     """Train; returns the final metrics of rank 0 (plus `checkpoint`, `mlflow_run_id`). Raises
     BadInput for bad inputs (before any worker starts) and TrainingStopped when the run cannot
-    finish."""
+    finish. `show_progress`: draw the progress bar and evaluation lines; `verbose`: let Ray's own
+    log lines through."""
     import ray.train
     import ray.util.queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -159,7 +168,7 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
     if not local:
-        init_ray()
+        init_ray(verbose)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, extra_tags)
