@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 from re2tal.bench.model import Runner, SavedTensors, build_model
 from re2tal.config import load_config
-from re2tal.training.plan import Planner, measure_step, optimizer_groups, zero_memory
+from re2tal.training.plan import Planner, measure_step, optimizer_groups
+from re2tal.training.zero_layout import zero_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -158,7 +159,7 @@ def test_zero_layout_equals_deepspeed_partitioning_on_two_workers(tmp_path):
 def test_zero_defaults_are_deepspeeds():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from re2tal.training.plan import ZERO_DEFAULTS
+    from re2tal.training.zero_layout import ZERO_DEFAULTS
 
     ds = DeepSpeedZeroConfig()
     assert {k: getattr(ds, k) for k in ZERO_DEFAULTS if k != "overlap_comm_stage3"} == \
@@ -195,6 +196,14 @@ def test_plan_command_on_a_paper_config_reports_reversible_below_standard(tmp_pa
     assert modes["reversible"]["largest_num_frames"] > 768 > modes["standard"]["largest_num_frames"] > 0
     assert all(m["largest_num_frames"] % 2 == 0 for m in modes.values())
     assert "reversible" in proc.stdout and "largest num_frames" in proc.stdout
+
+
+def test_train_announces_the_prediction_before_launch(capsys):
+    from re2tal.training.plan import announce_prediction
+
+    gb = announce_prediction(load_config(DEBUG))
+    out = capsys.readouterr().out
+    assert 0 < gb < 2 and f"predicted peak memory per worker: {gb:.2f} GB" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

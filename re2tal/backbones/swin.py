@@ -48,7 +48,8 @@ MASK_VALUE = -100.0
 # Windows are attended in calls of at most this many attention-matrix elements (windows x heads
 # x N x N), in at most ATTN_MAX_CALLS calls: the backward's attention temporaries (CPU's math
 # path keeps three such matrices, CUDA's memory-efficient kernel a full-size gradient of the
-# expanded bias) are then bounded per call instead of growing with the clip.
+# expanded bias) are then bounded per call instead of growing with the clip. The price: the fused
+# kernels keep each call's output for backward, so the joined output is one more such tensor.
 ATTN_CALL_ELEMENTS = 2**21
 ATTN_MAX_CALLS = 64
 
@@ -161,7 +162,9 @@ class WindowAttention3d(nn.Module):
             if per_call >= q.shape[0]:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(shape)
             outs = [F.scaled_dot_product_attention(*qkv, attn_mask=mask) for qkv in zip(q.split(per_call), k.split(per_call), v.split(per_call))]
-            return torch.cat(outs).view(shape)
+            # joined in (windows, N, heads, d) memory order, the fused kernels' own: the caller's
+            # transpose + reshape is then a view, as for one call, not a copy
+            return torch.cat([o.transpose(1, 2) for o in outs]).transpose(1, 2).view(shape)
 
         if not any(shift):
             return sdpa(q, k, v, bias)
