@@ -182,6 +182,22 @@ def test_search_spaces_reach_tune_as_grids_choices_and_optuna_suggestions():
     optuna.with_overrides(trial_overrides(suggested[0], optuna.tune))  # a valid trial config
 
 
+@pytest.mark.parametrize("name", ["augment_ablation", "backbones", "anet_augment_ablation", "augment"])
+def test_every_trial_of_the_shipped_sweeps_is_a_valid_training_config(name):
+    import itertools
+
+    from re2tal.tuning import trial_config_overrides
+    from re2tal.tuning.space import CASE
+
+    cfg = load_config(ROOT / f"configs/tune/{name}.yaml")
+    grids = {k: d.bounds() for k, d in cfg.tune.space.items()}  # every value of these choice / grid keys
+    trials = [dict(zip(grids, values)) | ({CASE: i} if cfg.tune.cases else {})
+              for values in itertools.product(*grids.values()) for i in range(len(cfg.tune.cases) or 1)]
+    names = {cfg.with_overrides(trial_config_overrides(t, cfg, f"t{n}")).backbone.name for n, t in enumerate(trials)}
+    assert len(trials) == {"augment_ablation": 6, "backbones": 6, "anet_augment_ablation": 6, "augment": 32}[name]
+    assert names == ({"swin_t", "pst_t", "slowfast_r50"} if name == "backbones" else {"swin_t"})
+
+
 def test_trial_status_names_out_of_memory_wherever_it_comes_from():
     import ray.exceptions
     import torch

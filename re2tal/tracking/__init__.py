@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping
 from re2tal.config import Config, TrackingConfig
 
 RUN_TAG = "re2tal.run"
-# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value
-# selects the machine-learning (training runs) view. 3.17's UI takes the view from the page's
-# `workflowType` parameter instead, hence the same choice in `experiment_url`.
+# The kind of experiment from which MLflow 3 UIs choose between the GenAI (traces) view and the
+# machine-learning (training runs) view. 3.17's UI reads the tag only with its workflow-type switch
+# off (it ships on) and otherwise takes the page's `workflowType` parameter: `experiment_url`.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 PARAM_VALUE_CHARS = 6000
@@ -82,35 +82,26 @@ def open_run(cfg: Config, extra_tags: Mapping[str, str] | None = None) -> tuple[
     """Start (or find and re-open) the MLflow run of `cfg.train.name`.
 
     Returns (tracking uri as workers must use it, run id, resumed)."""
-    from mlflow.entities import RunTag
+    tags = {"backbone": cfg.backbone.name, "reversible": str(cfg.backbone.reversible).lower(), **(extra_tags or {}),
+            "mlflow.note.content": f"re2tal run `{cfg.train.name}`"}
+    return open_tagged_run(cfg, RUN_TAG, cfg.train.name, tags, "config/resolved.yaml")
 
+
+def open_tagged_run(cfg: Config, tag: str, name: str, tags: Mapping[str, str], config_file: str) -> tuple[str, str, bool]:
+    """The run of cfg's experiment tagged `tag = name`, set RUNNING again; or a new one named
+    `name` with these tags and the config logged (params and `config_file`).
+
+    Returns (tracking uri, run id, resumed)."""
     uri = resolve_uri(cfg.tracking.tracking_uri)
     client = _client(uri)
     exp_id = _experiment_id(client, cfg.tracking, uri)
-    run_id = reopen_run(client, exp_id, RUN_TAG, cfg.train.name)
-    if run_id is not None:
-        return uri, run_id, True
-    tags = {
-        RUN_TAG: cfg.train.name,
-        "backbone": cfg.backbone.name,
-        "reversible": str(cfg.backbone.reversible).lower(),
-        "git_commit": git_commit(),
-        **(extra_tags or {}),
-    }
-    run = client.create_run(exp_id, run_name=cfg.train.name, tags=tags)
-    run_id = run.info.run_id
-    log_config(client, run_id, cfg)
-    client.log_batch(run_id, tags=[RunTag("mlflow.note.content", f"re2tal run `{cfg.train.name}`")])
-    return uri, run_id, False
-
-
-def reopen_run(client, exp_id: str, tag: str, value: str) -> str | None:
-    """The id of the experiment's run tagged `tag = value`, set RUNNING again; None if none."""
-    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
-    if not found:
-        return None
-    client.update_run(found[0].info.run_id, status="RUNNING")
-    return found[0].info.run_id
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{name}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return uri, found[0].info.run_id, True
+    run = client.create_run(exp_id, run_name=name, tags={tag: name, "git_commit": git_commit(), **tags})
+    log_config(client, run.info.run_id, cfg, config_file)
+    return uri, run.info.run_id, False
 
 
 def log_config(client, run_id: str, cfg: Config, artifact_file: str = "config/resolved.yaml") -> None:

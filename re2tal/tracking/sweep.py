@@ -12,7 +12,7 @@ import time
 from typing import Any, Mapping
 
 from re2tal.config import Config
-from re2tal.tracking import RUN_TAG, _client, _experiment_id, git_commit, log_config, reopen_run, resolve_uri
+from re2tal.tracking import RUN_TAG, _client, open_tagged_run
 
 SWEEP_RUN_TAG = "re2tal.sweep_run"  # on the parent: the sweep name
 PARENT_TAG = "mlflow.parentRunId"  # on each child: the parent's run id (MLflow's nesting tag)
@@ -23,17 +23,8 @@ def open_sweep_run(cfg: Config) -> tuple[str, str, bool]:
     """Start (or find and re-open) the parent run of sweep `cfg.tune.name`.
 
     Returns (tracking uri, parent run id, resumed)."""
-    uri = resolve_uri(cfg.tracking.tracking_uri)
-    client = _client(uri)
-    exp_id = _experiment_id(client, cfg.tracking, uri)
-    run_id = reopen_run(client, exp_id, SWEEP_RUN_TAG, cfg.tune.name)
-    if run_id is not None:
-        return uri, run_id, True
-    tags = {SWEEP_RUN_TAG: cfg.tune.name, "git_commit": git_commit(),
-            "mlflow.note.content": f"re2tal sweep `{cfg.tune.name}`: one child run per trial, the summary under `summary/`"}
-    run = client.create_run(exp_id, run_name=cfg.tune.name, tags=tags)
-    log_config(client, run.info.run_id, cfg, "config/sweep.yaml")
-    return uri, run.info.run_id, False
+    note = f"re2tal sweep `{cfg.tune.name}`: one child run per trial, the summary under `summary/`"
+    return open_tagged_run(cfg, SWEEP_RUN_TAG, cfg.tune.name, {"mlflow.note.content": note}, "config/sweep.yaml")
 
 
 def child_runs(uri: str, parent_id: str) -> dict[str, Any]:

@@ -11,12 +11,12 @@ from re2tal.config import Config
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from re2tal import console
+    from re2tal import console as quiet
     from re2tal.training.trainer import TrainingStopped, fit
 
     cfg: Config = args.cfg
     if not args.verbose:
-        console.quiet_driver()
+        quiet.quiet_driver()
     try:
         metrics = fit(cfg, local=args.local, verbose=args.verbose)
     except TrainingStopped as err:

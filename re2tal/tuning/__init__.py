@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from re2tal.config import Config
-from re2tal.tuning.space import CASE, param_space, search_algorithm
+from re2tal.tuning.space import CASE, param_space, search_algorithm, trial_overrides
 from re2tal.tuning.summary import best_config, best_row, columns, label, ranked, rows_from_results, to_csv, trial_name
 
 SWEEP_TAG = "re2tal.sweep"  # on each trial's run: the sweep name
@@ -40,16 +40,22 @@ def _trial(params: dict[str, Any], base: Config, parent_run_id: str | None) -> N
 
     from re2tal.tracking.sweep import PARENT_TAG
     from re2tal.training.trainer import fit
-    from re2tal.tuning.space import trial_overrides
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = base.with_overrides({**trial_overrides(params, base.tune), "train.name": trial_name(base, trial_id)})
+    cfg = base.with_overrides(trial_config_overrides(params, base, trial_id))
     tags = {SWEEP_TAG: base.tune.name, TRIAL_TAG: trial_id}
     if parent_run_id is not None:
         tags[PARENT_TAG] = parent_run_id
     if CASE in params:
         tags[CASE_TAG] = base.tune.case_label(params[CASE])
     fit(cfg, callbacks=[TuneReportCallback()], extra_tags=tags, show_progress=False)
+
+
+def trial_config_overrides(params: dict[str, Any], base: Config, trial_id: str) -> dict[str, Any]:
+    """What turns the sweep's config into a trial's: its values, its run name, and no sweep of its
+    own (the cases are checked against the sweep's base config, not against each other: a pst_t
+    trial's derived patch_shift would make a swin_t case invalid)."""
+    return {**trial_overrides(params, base.tune), "train.name": trial_name(base, trial_id), "tune.space": {}, "tune.cases": []}
 
 
 def sweep(cfg: Config, verbose: bool = False) -> SweepResult:
