@@ -174,6 +174,7 @@ class Planner:
         first = {t0, max(stride, t0 // 2 // stride * stride)}
         for t in sorted(first if len(first) == 2 else first | {2 * t0}):
             probe(t)
+        span = None  # the bracket's width before the last probe
         while hi is None or hi - lo > stride:
             if hi is None and lo >= MAX_FRAMES:
                 return MAX_FRAMES
@@ -185,9 +186,12 @@ class Planner:
             slope = max((mb - ma) / (tb - ta), 1.0)
             guess = int(ta + (limit_bytes - ma) / slope) // stride * stride
             upper = MAX_FRAMES if hi is None else hi - stride
+            if hi is not None and span is not None and hi - lo > span // 2:  # the secant crept: bisect
+                guess = (lo + hi) // 2 // stride * stride
             guess = min(max(guess, lo + stride), upper)
-            if guess in known:  # the line keeps pointing at a known point: bisect
+            if guess in known:
                 guess = min(max((lo + (hi if hi is not None else 2 * lo)) // 2 // stride * stride, lo + stride), upper)
+            span = None if hi is None else hi - lo
             probe(guess)
         return lo
 
