@@ -13,9 +13,9 @@ config's ZeRO stage and worker count. Two parts:
   own tensors are (B, ~2 seq_len, classes) floats); parameter gradients are released as soon as
   they are accumulated, DeepSpeed copying them into its buffers, which are counted below.
 - Parameters, gradients and optimizer states are computed the way DeepSpeed 0.19 lays them out
-  (`re2tal.training.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers elements, this worker's
-  partition of fp32 master weights and Adam moments; ZeRO-2's partition of gradients plus the
-  reduction bucket (`reduce_bucket_size` elements); ZeRO-3's parameter partitions plus gathered
+  (`re2tal.training.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers
+  elements, this worker's partition of fp32 master weights and Adam moments; ZeRO-2's partition
+  of gradients plus the reduction bucket (`reduce_bucket_size` elements); ZeRO-3's parameter partitions plus gathered
   parameters (with DeepSpeed's default `stage3_max_reuse_distance` a model under 1e9 parameters
   stays gathered through forward and backward), gradient partitions and bucket.
 
@@ -55,6 +55,8 @@ from re2tal.training.zero_layout import DTYPES, zero_memory
 MODES = ("standard", "checkpoint", "reversible")
 GB = 2**30
 MAX_FRAMES = 1 << 16  # the search for the largest num_frames stops here
+
+
 # --------------------------------------------------------------------------------------------
 # the step on the meta device
 
