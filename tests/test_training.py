@@ -44,7 +44,7 @@ TINY = {
 }
 STEPS_PER_EPOCH = 2  # 4 training videos / (2 workers x batch 1)
 RUN_METRICS = {"loss", "cls_loss", "reg_loss", "lr", "lr_backbone", "average_mAP", "mAP_0.50", "mAP_0.95",
-               "peak_memory_gb", "clips_per_s", "videos_per_s", "data_wait_fraction", "random_average_mAP"}
+               "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s", "videos_per_s", "data_wait_fraction", "random_average_mAP"}
 
 
 def tiny_config(tmp_path: Path, annotations: str, name: str, **overrides) -> Config:

@@ -49,16 +49,14 @@ def storage_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(seen.values())
 
 
-# Ops whose meta kernels are slow Python functions (BatchNorm: ~3 ms a call) and whose outputs are
-# always fresh tensors: their output layouts are computed once per input signature.
-_MEMO_OPS = (torch.ops.aten.native_batch_norm.default, torch.ops.aten.native_batch_norm_backward.default)
-
-
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages allocated by ops run inside (any device). Storages that existed
     before (`exclude`: parameters, buffers, inputs) are not counted, nor are views and aliases of
-    storages already counted. `layouts`: a dict shared between trackers that caches the output
-    layouts of slow meta kernels (_MEMO_OPS)."""
+    storages already counted.
+
+    `layouts`: a dict, shareable between trackers, that caches the output layouts of meta-device
+    ops which return fresh tensors (no aliasing, no mutation): many meta kernels are Python
+    (BatchNorm ~3 ms, cat ~3 ms a call) and a network repeats few input signatures."""
 
     def __init__(self, exclude: Iterable[Tensor] = (), layouts: dict | None = None):
         super().__init__()
@@ -87,7 +85,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _MEMO_OPS and args[0].device.type == "meta":
+        if _fresh_outputs(func) and _on_meta(args):
             out = self._memo_call(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
@@ -101,10 +99,37 @@ class LiveBytes(TorchDispatchMode):
         layout = self._layouts.get(key)
         if layout is None:
             out = func(*args, **kwargs)
-            self._layouts[key] = [None if t is None else (t.shape, t.stride(), t.dtype) for t in out]
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if all(t is None or (isinstance(t, Tensor) and _plain_layout(t)) for t in outs):
+                self._layouts[key] = (isinstance(out, (tuple, list)), [None if t is None else (t.shape, t.stride(), t.dtype) for t in outs])
+            else:  # e.g. a padded allocation sliced to size: not reproducible from the layout alone
+                self._layouts[key] = False
             return out
-        return tuple(None if spec is None else torch.empty_strided(spec[0], spec[1], dtype=spec[2], device="meta")
-                     for spec in layout)
+        if layout is False:
+            return func(*args, **kwargs)
+        many, specs = layout
+        outs = [None if spec is None else torch.empty_strided(spec[0], spec[1], dtype=spec[2], device="meta") for spec in specs]
+        return tuple(outs) if many else outs[0]
+
+
+def _fresh_outputs(func) -> bool:
+    """An op that mutates nothing and whose outputs alias no input."""
+    schema = func._schema
+    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns) and len(schema.returns) > 0 \
+        and all(str(r.type) in ("Tensor", "Tensor?") for r in schema.returns)
+
+
+def _on_meta(args: tuple) -> bool:
+    return any(isinstance(a, Tensor) and a.device.type == "meta" for a in args) or \
+        any(isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) and t.device.type == "meta" for t in a) for a in args)
+
+
+def _plain_layout(t: Tensor) -> bool:
+    """t's storage is exactly what empty_strided(t.shape, t.stride()) would allocate."""
+    if t.storage_offset() != 0 or t.device.type != "meta":
+        return False
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.untyped_storage().nbytes() == extent * t.element_size()
 
 
 def _signature(obj: Any) -> Any:

@@ -13,9 +13,9 @@ config's ZeRO stage and worker count. Two parts:
   own tensors are (B, ~2 seq_len, classes) floats); parameter gradients are released as soon as
   they are accumulated, DeepSpeed copying them into its buffers, which are counted below.
 - Parameters, gradients and optimizer states are computed the way DeepSpeed 0.19 lays them out
-  (`re2tal.training.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers elements, this worker's
-  partition of fp32 master weights and Adam moments; ZeRO-2's partition of gradients plus the
-  reduction bucket (`reduce_bucket_size` elements); ZeRO-3's parameter partitions plus gathered
+  (`re2tal.training.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers
+  elements, this worker's partition of fp32 master weights and Adam moments; ZeRO-2's partition
+  of gradients plus the reduction bucket (`reduce_bucket_size` elements); ZeRO-3's parameter partitions plus gathered
   parameters (with DeepSpeed's default `stage3_max_reuse_distance` a model under 1e9 parameters
   stays gathered through forward and backward), gradient partitions and bucket.
 
@@ -55,6 +55,8 @@ from re2tal.training.zero_layout import DTYPES, zero_memory
 MODES = ("standard", "checkpoint", "reversible")
 GB = 2**30
 MAX_FRAMES = 1 << 16  # the search for the largest num_frames stops here
+
+
 # --------------------------------------------------------------------------------------------
 # the step on the meta device
 
@@ -174,6 +176,7 @@ class Planner:
         first = {t0, max(stride, t0 // 2 // stride * stride)}
         for t in sorted(first if len(first) == 2 else first | {2 * t0}):
             probe(t)
+        span = None  # the bracket's width before the last probe
         while hi is None or hi - lo > stride:
             if hi is None and lo >= MAX_FRAMES:
                 return MAX_FRAMES
@@ -185,9 +188,12 @@ class Planner:
             slope = max((mb - ma) / (tb - ta), 1.0)
             guess = int(ta + (limit_bytes - ma) / slope) // stride * stride
             upper = MAX_FRAMES if hi is None else hi - stride
+            if hi is not None and span is not None and hi - lo > span // 2:  # the secant crept: bisect
+                guess = (lo + hi) // 2 // stride * stride
             guess = min(max(guess, lo + stride), upper)
-            if guess in known:  # the line keeps pointing at a known point: bisect
+            if guess in known:
                 guess = min(max((lo + (hi if hi is not None else 2 * lo)) // 2 // stride * stride, lo + stride), upper)
+            span = None if hi is None else hi - lo
             probe(guess)
         return lo
 
