@@ -164,7 +164,7 @@ def test_search_spaces_reach_tune_as_grids_choices_and_optuna_suggestions():
 
     cfg = load_config(ROOT / "configs/tune/backbones.yaml")
     space = param_space(cfg.tune)
-    assert space["backbone.reversible"] == tune.grid_search([True, False]) and space[CASE] == tune.grid_search([0, 1, 2])
+    assert space["backbone.reversible"] == tune.grid_search([True, False]) and space[CASE] == tune.grid_search([0, 1, 2, 3])
     assert trial_overrides({"backbone.reversible": False, CASE: 2}, cfg.tune) == {"backbone.reversible": False, "backbone.name": "slowfast_r50"}
     # search: grid enumerates choice keys too; random samples them
     augment = load_config(ROOT / "configs/tune/augment.yaml")
@@ -194,8 +194,8 @@ def test_every_trial_of_the_shipped_sweeps_is_a_valid_training_config(name):
     trials = [dict(zip(grids, values)) | ({CASE: i} if cfg.tune.cases else {})
               for values in itertools.product(*grids.values()) for i in range(len(cfg.tune.cases) or 1)]
     names = {cfg.with_overrides(trial_config_overrides(t, cfg, f"t{n}")).backbone.name for n, t in enumerate(trials)}
-    assert len(trials) == {"augment_ablation": 6, "backbones": 6, "anet_augment_ablation": 6, "augment": 32}[name]
-    assert names == ({"swin_t", "pst_t", "slowfast_r50"} if name == "backbones" else {"swin_t"})
+    assert len(trials) == {"augment_ablation": 6, "backbones": 8, "anet_augment_ablation": 6, "augment": 32}[name]
+    assert names == ({"swin_t", "pst_t", "slowfast_r50", "tada2d_r50"} if name == "backbones" else {"swin_t"})
 
 
 def test_trial_status_names_out_of_memory_wherever_it_comes_from():
