@@ -47,7 +47,9 @@ def ray_address():
                                                            "runtime-env-agent-port", "metrics-export-port",
                                                            "ray-client-server-port")]
     address = f"127.0.0.1:{port}"
-    env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT),
+    # Token authentication on (RAY_AUTH_MODE=token, conftest), with the default token file.
+    subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True, capture_output=True)
+    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(ROOT),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions")),
                RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")  # one process less per trial; nothing is preempted here
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # socket paths must stay short
