@@ -251,5 +251,5 @@ def debug_training(out: Path, use_gpu: bool = True) -> dict[str, Any]:
     cfg = load_config(root / "configs" / "debug.yaml", [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
     started = time.perf_counter()
     metrics = fit(cfg, show_progress=False)
-    keep = ("step", "loss", "average_mAP", "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s")
+    keep = ("step", "average_mAP", "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s")
     return {**{k: metrics.get(k) for k in keep}, "seconds": time.perf_counter() - started}

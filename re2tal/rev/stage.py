@@ -162,9 +162,15 @@ def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision, seed: int |
         for i, fn in enumerate(fns):
             select(i)
             f = fn(spec.fn_input(b))
-            a, b = b, a.add_(f) if in_place and i >= 2 else a + f.to(spec.stream)
+            a, b = b, a.add_(_addend(f, spec.stream)) if in_place and i >= 2 else a + f.to(spec.stream)
             del f
     return a, b
+
+
+def _addend(f: Tensor, stream: torch.dtype) -> Tensor:
+    """f as the in-place update of a stream adds it: a narrower f is widened exactly inside the
+    op (no copy); a wider one is rounded to the stream dtype first, as `a + f.to(stream)` does."""
+    return f if torch.promote_types(f.dtype, stream) == stream else f.to(stream)
 
 
 def _draw_seed() -> int:
@@ -230,7 +236,7 @@ class _RevFunction(torch.autograd.Function):
                 with torch.enable_grad():
                     f = fns[i](spec.fn_input(z))
                 if i > 0:
-                    a = b.sub_(f.detach()) if k >= 2 else b - f.detach().to(spec.stream)
+                    a = b.sub_(_addend(f.detach(), spec.stream)) if k >= 2 else b - f.detach().to(spec.stream)
                 b = z.detach()
                 # One evaluation of F_i serves both the reconstruction above and this backward;
                 # parameter .grad accumulates through the ordinary path, so DDP / ZeRO gradient

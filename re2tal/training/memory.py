@@ -22,6 +22,7 @@ and other memory a kernel allocates outside the dispatcher, and kernel choices b
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Iterable, Sequence
 
@@ -112,6 +113,7 @@ class LiveBytes(TorchDispatchMode):
         return tuple(outs) if many else outs[0]
 
 
+@functools.lru_cache(maxsize=None)
 def _fresh_outputs(func) -> bool:
     """An op that mutates nothing and whose outputs alias no input."""
     schema = func._schema
