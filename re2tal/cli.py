@@ -26,6 +26,7 @@ HANDLERS: dict[str, str | None] = {
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
+    "data prepare": "re2tal.raydata.prepare:main",
     "bench memory": "re2tal.bench.model:memory_main",
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiou", default="0.5:0.95:0.05", help="thresholds as start:stop:step or a comma list (default: 0.5:0.95:0.05; THUMOS: 0.3:0.7:0.1)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
-    data = sub.add_parser("data", help="datasets: generate the synthetic set, inspect videos").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data = sub.add_parser("data", help="datasets: generate the synthetic set, inspect videos, prepare videos for training").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("synth", help="write a synthetic TAL dataset (real mp4 files + annotations)",
                         description="Write synthetic long videos whose actions are visible motion patterns, with ActivityNet-format annotations, to any fsspec URL.")
     p.add_argument("--out", required=True, metavar="URL", help="destination folder (local dir or s3://bucket/prefix)")
@@ -112,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Open a video through fsspec + decord and print its frames, fps, duration, height and width.")
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = data.add_parser("prepare", help="transcode every video of an annotation file to the training size and fps (Ray Data job)",
+                        description="Transcode every video of an annotation file once, on all CPUs of the Ray cluster (local Ray "
+                                    "if none), to h264 at the training short side and frame rate with a short keyframe interval, "
+                                    "into OUT/videos/, and write OUT/annotations.json pointing at the copies (durations and "
+                                    "segments unchanged) and OUT/prepare.json. Videos already prepared are skipped; those that "
+                                    "cannot be read are listed and left out. Storage credentials and endpoint: the standard AWS "
+                                    "environment.")
+    p.add_argument("--annotations", required=True, metavar="URL", help="ActivityNet-format annotation file of the source videos")
+    p.add_argument("--out", required=True, metavar="URL", help="output folder (local dir, s3://bucket/prefix, gs://...)")
+    p.add_argument("--short-side", type=int, default=256, metavar="PX", help="short side of the prepared frames (default 256)")
+    p.add_argument("--fps", type=float, default=15.0, help="frame rate of the prepared videos (default 15)")
+    p.add_argument("--gop", type=int, metavar="N", help="frames between keyframes (default: one second of frames)")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better (default 23, x264's own default)")
+    p.add_argument("--video-root", metavar="URL", help="source videos are <video-root>/<prefix><id>.<ext> (default: each "
+                                                       "video's url in the annotations, else next to the annotation file)")
+    p.add_argument("--video-prefix", default="", metavar="P", help="with --video-root: file-name prefix (ActivityNet: v_)")
+    p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
 
     bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
