@@ -98,6 +98,7 @@ class DataConfig(Section):
     frame_size: PositiveInt = Field(224, description="Side of the square crop fed to the backbone (pixels).")
     short_side: PositiveInt | None = Field(None, description="Frames are resized so their short side is this before cropping. Default: frame_size.")
     batch_size: PositiveInt = Field(1, description="Clips per worker per step.")
+    loader: Literal["threads", "ray_data"] = Field("threads", description="Training loader. `threads`: loader_threads decoding threads inside each training worker. `ray_data`: a Ray Data streaming pipeline, one video per one-CPU task on any node with free CPUs (CPU-only nodes included), read by each worker with `ray.train.get_dataset_shard`; the same clips as `threads` for a seed. Evaluation always uses `threads`.")
     loader_threads: PositiveInt = Field(2, description="Decoding threads per worker (each decodes one video at a time).")
     prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of those being decoded, per worker (also the number of fetching threads, at least 1).")
     max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing / unreadable videos skipped (and logged with id and URL) per worker and epoch before the run fails.")

@@ -84,13 +84,16 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = _tracker(config) if worker.is_main else None
     if tracker is not None and checkpoint is not None:
         tracker.metrics({"resumed_at_step": state.step}, step=state.step)  # restarts show in MLflow
-    loop = _Loop(cfg, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"), local)
+    loop = _Loop(cfg, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"), local,
+                 cursor=config.get("cursor"))
     loop.run(state, micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
 
 
 class _Loop:
-    def __init__(self, cfg: Config, worker: Worker, engine, criterion, ema, generator, annotations, tracker, progress, local: bool):
+    def __init__(self, cfg: Config, worker: Worker, engine, criterion, ema, generator, annotations, tracker, progress, local: bool,
+                 cursor=None):
         self.cfg, self.worker, self.engine, self.criterion = cfg, worker, engine, criterion
+        self.cursor = cursor  # data.loader ray_data: where this worker's next pass starts (re2tal.raydata.loader)
         self.ema, self.generator, self.annotations = ema, generator, annotations
         self.tracker, self.progress, self.local = tracker, progress, local
         # The engine holds the model in the training precision (DeepSpeed bf16 / fp16 keep fp32
@@ -191,6 +194,13 @@ class _Loop:
         from re2tal.data.dataset import VideoDataset, batches
 
         cfg, w = self.cfg, self.worker
+        if cfg.data.loader == "ray_data":
+            import ray.train
+
+            from re2tal.raydata.loader import name, shard_batches
+
+            yield from shard_batches(cfg, self.cursor, w.rank, epoch, start, count, ray.train.get_dataset_shard(name(w.rank)))
+            return
         produced = 0
         while produced < count:
             ds = VideoDataset(cfg, cfg.data.train_subset, w.rank, w.world_size, epoch, cfg.train.seed, training=True,

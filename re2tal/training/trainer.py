@@ -177,14 +177,22 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))
     progress = Progress(queue.Queue() if local else driver_queue(), steps_total, draw=show_progress)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    loop_config = {"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id), "progress": progress.q, "local": local}
+    datasets = dataset_config = None
+    if cfg.data.loader == "ray_data":  # decoding on any node's CPUs (re2tal.raydata.loader)
+        from re2tal.raydata.loader import make_cursor, training_datasets
+
+        loop_config["cursor"] = make_cursor()
+        datasets, dataset_config = training_datasets(cfg, annotations, max(1, num_workers), loop_config["cursor"])
     # Ray Train reads how long a worker group may wait for its placement from the driver's
     # environment (and passes it on to its controller); a group it cannot place in that time is a
     # controller failure, which must end the run instead of waiting again forever.
     os.environ[WAIT_ENV] = f"{cfg.train.node_wait_s:g}"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id),
-                           "progress": progress.q, "local": local},
+        train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=dataset_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.name,
