@@ -147,8 +147,9 @@ def training_datasets(cfg: Config, annotations: Annotations, world_size: int, cu
     datasets = {name(r): ray.data.read_datasource(_datasource_class()(cfg, videos, r, world_size, cursor),
                                                   override_num_blocks=most, num_cpus=1)
                 for r in range(world_size)}
-    for ds in datasets.values():  # Ray Train replaces these by the DataConfig's; set both
+    for ds in datasets.values():  # Ray Train replaces the execution options by the DataConfig's; set both
         ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = False  # the training progress bar is the one to watch
     options = {key: ray.data.ExecutionOptions(preserve_order=True) for key in datasets}
     return datasets, ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 

@@ -462,7 +462,7 @@ def _quiet_libraries() -> None:
     from ray.train.v2._internal.execution import context as ray_train_context
 
     # Ray Train's per-report line comes from a logger named by its file path.
-    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.tune", ray_train_context.__file__):
+    for name in ("DeepSpeed", "deepspeed", "ray.train", "ray.tune", "ray.data", ray_train_context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
     # DeepSpeed calls a deprecated torch.distributed alias on every ZeRO step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
