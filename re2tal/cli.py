@@ -146,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--modes", default="standard,checkpoint,reversible",
                        help="comma list of modes to run: standard, checkpoint, reversible, reversible_lowp (streams in the compute precision)")
         p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
-    p = bench.add_parser("loader", help="frames/s from local files vs S3 (moto), cold and warm cache",
-                         description="Loader throughput for a sampling config from local files and from an S3 endpoint (moto server on loopback), with cold and warm cache, and bytes fetched per epoch.")
+    p = bench.add_parser("loader", help="frames/s from local files vs S3 (moto), cold and warm cache; --real: decode cost at 360p / 720p",
+                         description="Loader throughput for a sampling config from local files and from an S3 endpoint (moto server on loopback), with cold and warm cache, and bytes fetched per epoch. "
+                                     "With --real: decode cost of 2-minute 360p and 720p videos (made once under .cache/bench-videos), raw and prepared "
+                                     "(re2tal data prepare), per core, with data.loader_threads 1..cores and with the ray_data loader on the local cores.")
+    p.add_argument("--real", action="store_true", help="real-resolution decode costs instead (starts a local Ray: several minutes)")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")

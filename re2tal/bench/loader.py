@@ -158,6 +158,10 @@ def run(workdir: Path) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "real", False):  # real-resolution decode costs, raw vs prepared (re2tal.bench.decode)
+        from re2tal.bench.decode import main as real
+
+        return real(args)
     with tempfile.TemporaryDirectory(prefix="re2tal-bench-loader-") as tmp:
         result = run(Path(tmp))
     out = Path(args.json)
