@@ -98,13 +98,13 @@ def test_two_ray_train_workers_read_their_shards_and_take_equal_micro_batches(ra
 
     bad = {"garbage": os.urandom(3000)}
     ann = make_dataset(tmp_path, make_video, videos=7, frames=40, bad=bad)  # 5 good + 1 bad training videos
-    cfg = tiny_config(tmp_path, ann, "ray-data", **{"data.loader": "ray_data", "data.max_bad_videos": 1, "train.epochs": 1,
+    cfg = tiny_config(tmp_path, ann, "ray-data", **{"data.loader": "ray_data", "data.max_bad_videos": 1, "train.epochs": 2,
                                                     "head.num_classes": 2})
     metrics = fit(cfg, show_progress=False)
-    assert metrics["step"] == 3 and metrics["epoch"] == 1  # 6 videos / 2 workers: 3 micro-batches each
+    assert metrics["step"] == 2 * 3 and metrics["epoch"] == 2  # 6 videos / 2 workers: 3 micro-batches each per epoch
     from mlflow.tracking import MlflowClient
 
     from re2tal.tracking import resolve_uri
 
     history = MlflowClient(resolve_uri(cfg.tracking.tracking_uri)).get_metric_history(metrics["mlflow_run_id"], "loss")
-    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert sorted(m.step for m in history) == list(range(1, 7))

@@ -8,12 +8,14 @@ made there too (short side 256, 15 fps, one keyframe a second, as `re2tal data p
 The sampling is the ActivityNet configs' (uniform, 768 frames, short side 256, temporal jitter).
 
 Per video and kind (raw / prepared):
-- `decode_s`: seconds to decode one video's 768 sampled frames on one core (`VideoFile`, one
-  decord thread; the median of `REPEATS`), and `frames_per_s` = 768 / decode_s;
+- `decode_s`: CPU seconds to decode one video's 768 sampled frames (`VideoFile`, one decord
+  thread; the median of `REPEATS`), i.e. seconds per video per core, and `frames_per_s` = 768 / decode_s;
 - `threads`: videos / s of the threaded loader (`VideoDataset`) with data.loader_threads
   1..cores, each over 2 x threads copies of the video;
 - `ray_data`: videos / s of the ray_data loader over a local Ray with all cores.
-Per video: `prepare_s`, the seconds `re2tal data prepare` takes for it on one core, and bytes.
+Per video: `prepare_s`, the CPU seconds `re2tal data prepare` takes for it (one core), and bytes.
+The scaling figures are wall-clock throughput, so they depend on what else the machine runs
+(`load_average_after` is recorded).
 
 `cores_per_gpu` = decode_s / GPU_S_PER_VIDEO: the CPU cores that keep one GPU busy. No GPU step
 time is measured yet (`re2tal bench gpu` has not run on the paper's configs): GPU_S_PER_VIDEO
@@ -82,16 +84,16 @@ def write_footage(path: Path, height: int, width: int, seconds: float) -> None:
 
 
 def prepared_video(folder: Path, source: Path) -> tuple[Path, float]:
-    """The prepared copy of `source` (made on first use) and the seconds making it took (0 if cached)."""
+    """The prepared copy of `source` (made on first use) and the CPU seconds making it took."""
     from re2tal.data.prepare import Settings, transcode
 
     path = source.with_name(source.stem + f".prepared{SHORT_SIDE}_15fps.mp4")
     if path.exists():
         return path, float(json.loads(path.with_suffix(".json").read_text())["seconds"])
     part = path.with_suffix(f".part{os.getpid()}.mp4")
-    started = time.perf_counter()
+    started = time.process_time()  # CPU seconds: on a shared machine wall time says more about the neighbours
     transcode(str(source), str(part), Settings(short_side=SHORT_SIDE, fps=15, gop=15), threads=1)
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     os.replace(part, path)
     path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
     return path, seconds
@@ -104,17 +106,17 @@ def config(annotations: str, threads: int, loader: str = "threads") -> Config:
 
 
 def decode_seconds(path: Path) -> float:
-    """Seconds to decode one video's sampled frames on one core (median of REPEATS)."""
+    """CPU seconds to decode one video's sampled frames with one decoding thread (median of REPEATS)."""
     from re2tal.data import sampling
     from re2tal.data.video import VideoFile
 
     runs = []
     for r in range(REPEATS):
-        started = time.perf_counter()
+        started = time.process_time()  # CPU seconds of this process (decord's threads included)
         video = VideoFile(str(path), SHORT_SIDE, threads=1)
         times = sampling.sample_times(sampling.uniform_window(video.info.duration, NUM_FRAMES), NUM_FRAMES, np.random.default_rng(r))
         frames = video.read(video.indices(times))
-        runs.append(time.perf_counter() - started)
+        runs.append(time.process_time() - started)
         assert frames.shape[0] == NUM_FRAMES and min(frames.shape[1:3]) == SHORT_SIDE
     return statistics.median(runs)
 
@@ -174,7 +176,7 @@ def run(folder: Path, cores: int) -> dict[str, Any]:
         ray.shutdown()
     return {"config": {"duration_s": DURATION_S, "fps": FPS, "num_frames": NUM_FRAMES, "short_side": SHORT_SIDE,
                        "prepared": {"short_side": SHORT_SIDE, "fps": 15, "gop": 15}, "gpu_s_per_video_assumed": GPU_S_PER_VIDEO,
-                       "cores": cores, "cpus": os.cpu_count()},
+                       "cores": cores, "cpus": os.cpu_count(), "load_average_after": os.getloadavg()},
             "results": results}
 
 

@@ -180,6 +180,8 @@ def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extr
     loop_config = {"cfg": cfg, "annotations": annotations, "tracking": (uri, run_id), "progress": progress.q, "local": local}
     datasets = dataset_config = None
     if cfg.data.loader == "ray_data":  # decoding on any node's CPUs (re2tal.raydata.loader)
+        if local:
+            raise BadInput("data.loader: ray_data decodes in Ray tasks for Ray Train workers; the in-process local mode uses threads")
         from re2tal.raydata.loader import make_cursor, training_datasets
 
         loop_config["cursor"] = make_cursor()
