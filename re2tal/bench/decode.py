@@ -124,7 +124,7 @@ def decode_seconds(path: Path) -> float:
 def annotations_of(folder: Path, path: Path, copies: int) -> str:
     """An annotation file of `copies` training videos, all the file at `path`."""
     ann = folder / f"{path.stem}.x{copies}.json"
-    ann.write_text(json.dumps({"database": {f"v{i}": {"subset": "training", "duration": float(DURATION_S), "url": str(path),
+    ann.write_text(json.dumps({"database": {f"v{i}": {"subset": "training", "duration": float(DURATION_S), "url": str(path.resolve()),
                                                       "annotations": [{"segment": [10.0, 20.0], "label": "a"}]}
                                             for i in range(copies)}}))
     return str(ann)
@@ -136,6 +136,7 @@ def threaded_videos_per_s(folder: Path, path: Path, threads: int) -> float:
     cfg = config(annotations_of(folder, path, 2 * threads), threads)
     started = time.perf_counter()
     count = sum(1 for _ in VideoDataset(cfg, "training", training=True, seed=0))
+    assert count == 2 * threads, f"{path}: decoded {count} of {2 * threads} videos"
     return count / (time.perf_counter() - started)
 
 
@@ -198,7 +199,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(args) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    result = run(Path(".cache/bench-videos"), cores)
+    result = run(Path(".cache/bench-videos").resolve(), cores)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,7 +18,9 @@ Each rank has a dataset of its own (`train_rank<r>`, not split by Ray Train), wh
 are made when an iteration starts: the datasource asks the `Cursor` (a zero-CPU actor on the
 driver's node) which epoch and shard position rank r starts from, which the worker sets just
 before iterating. So a new epoch reshuffles, and a worker resumed mid-epoch decodes only the
-videos it has not trained on yet. The node-local cache is that of the node running each task.
+videos it has not trained on yet (Ray Data decodes a few videos ahead, so the videos past a
+pass's end, or of the spare second pass, that were under way when the worker had its micro-batches
+are thrown away). The node-local cache is that of the node running each task.
 Not covered here (the threaded loader still does it): evaluation, `data.decode_timeout_s`
 (a task hung inside a damaged file is not abandoned), and the per-epoch cache-use log (the
 tasks' fetches are not counted).
@@ -129,10 +131,8 @@ def _read_fn(cfg: Config, video: Video, epoch: int, seed: int, position: int, pa
     def read() -> Iterator:
         import pyarrow as pa
 
-        row = decode_row(cfg, video, epoch, seed, position, pass_)
-        columns = {k: [v] for k, v in row.items()}
-        table = pa.table({k: pa.array(v, type=pa.large_binary()) if k == "frames" else pa.array(v) for k, v in columns.items()})
-        yield table
+        row = decode_row(cfg, video, epoch, seed, position, pass_)  # frames: large_binary, as a clip may pass 2 GB
+        yield pa.table({k: pa.array([v], type=pa.large_binary() if k == "frames" else None) for k, v in row.items()})
 
     return read
 
