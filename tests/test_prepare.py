@@ -23,6 +23,7 @@ from re2tal.data.prepare import Settings, transcode
 from re2tal.data.video import VideoFile, VideoSource
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 SYNTH = SynthConfig(videos=5, val_videos=1, classes=2, duration_s=6.3, fps=10, size=64, seed=4)
 SETTINGS = Settings(short_side=32, fps=5, gop=5)
 

@@ -16,6 +16,8 @@ from re2tal.data.dataset import VideoDataset, batches
 from re2tal.errors import BadInput
 from test_data_io import config, make_dataset
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ray_local():
