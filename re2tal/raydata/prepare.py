@@ -67,6 +67,7 @@ def run(annotations_url: str, out_url: str, settings: Settings, storage: Storage
 
     init_ray()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its note that its bars are off
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own, counting videos
     items = [{"video_id": v.id, "source": v.url} for v in annotations.videos]
