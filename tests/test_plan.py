@@ -189,7 +189,6 @@ def test_plan_command_on_a_paper_config_reports_reversible_below_standard(tmp_pa
     plan = json.loads(out.read_text())
     c, modes = plan["config"], plan["modes"]
     assert (c["num_frames"], c["frame_size"], c["batch_size"], c["device"], c["precision"], c["zero_stage"]) == (768, 224, 2, "cuda", "bf16", 2)
-    assert plan["seconds"] < 60
     assert modes["reversible"]["peak_bytes"] < modes["standard"]["peak_bytes"]
     assert modes["reversible"]["activations_backbone"] < modes["standard"]["activations_backbone"] / 5
     assert not modes["standard"]["fits"] and modes["reversible"]["fits"]
