@@ -93,6 +93,8 @@ class Progress:
                 self.bar.n = rec["step"]
                 self.bar.set_postfix(epoch=rec["epoch"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 self.bar.refresh()
+            elif kind == "eval" and not self.bar.disable and "text" in rec:
+                self.bar.write(rec["text"])
             elif kind == "eval" and not self.bar.disable:
                 self.bar.write(f"epoch {rec['epoch']}: average mAP {rec['average_mAP']:.4f}  " +
                                "  ".join(f"mAP@{t} {v:.3f}" for t, v in rec["mAP"].items()))
@@ -147,24 +149,40 @@ def prepare(cfg: Config):
     return annotations
 
 
+def task_parts(task: str) -> tuple[Callable[[Config], Any], Callable[[dict], None], Callable[[Config], float | None]]:
+    """What differs between the tasks a run trains, in one place: (checks and annotations before
+    any worker starts, the per-worker loop, the peak-memory prediction announced)."""
+    match task:
+        case "localization":
+            from re2tal.training.loop import train_loop_per_worker
+            from re2tal.training.plan import announce_prediction
+
+            return prepare, train_loop_per_worker, announce_prediction
+        case "finetune":
+            from re2tal.training.finetune import finetune_loop_per_worker, prepare_clips
+
+            return prepare_clips, finetune_loop_per_worker, lambda cfg: None
+    raise ValueError(f"unknown task {task!r}")
+
+
 def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extra_tags: dict | None = None,
-        show_progress: bool = True, verbose: bool = False) -> dict:
+        show_progress: bool = True, verbose: bool = False, task: str = "localization") -> dict:
     """Train; returns the final metrics of rank 0 (plus `checkpoint`, `mlflow_run_id`). Raises
     BadInput for bad inputs (before any worker starts) and TrainingStopped when the run cannot
     finish. `show_progress`: draw the progress bar and evaluation lines; `verbose`: let Ray's own
-    log lines through."""
+    log lines through. `task`: localization (`re2tal train`) or finetune (action recognition,
+    `re2tal finetune`)."""
     import ray.train
     import ray.util.queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from re2tal import tracking
-    from re2tal.training.loop import train_loop_per_worker
-    from re2tal.training.plan import announce_prediction
 
     cfg = absolute_paths(cfg)
-    annotations = prepare(cfg)
-    predicted_gb = announce_prediction(cfg)
+    check_data, train_loop_per_worker, predict_memory = task_parts(task)
+    annotations = check_data(cfg)
+    predicted_gb = predict_memory(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
     if not local:
