@@ -389,8 +389,11 @@ class FinetuneConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW with separate backbone / head learning rates, linear warmup then cosine decay."""
+    """AdamW (or SGD with momentum) with separate backbone / head learning rates, linear warmup
+    then cosine decay."""
 
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="`adamw` (torch's AdamW, betas below), or `sgd`: torch's SGD with `momentum` (mmaction's SlowFast Kinetics recipe).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum.")
     backbone_lr: NonNegativeFloat = Field(1e-5, description="Learning rate of the backbone parameters.")
     head_lr: PositiveFloat = Field(1e-4, description="Learning rate of the neck / head parameters.")
     weight_decay: NonNegativeFloat = Field(0.05, description="AdamW weight decay (not applied to norms and biases).")
