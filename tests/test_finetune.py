@@ -202,3 +202,15 @@ def test_a_clip_window_stays_inside_its_clip():
     assert (whole.start, whole.end) == (0.0, 9.0)
     short = clip_window(3.0, 3.5, 60.0, 0.1, 16, None)  # shorter than 16 samples: padded at its end
     assert short.valid == 5 and sample_times(short, 16).max() < 3.5
+
+
+def test_finetune_of_detection_annotations_fails_in_one_line_before_any_worker(tmp_path, capsys):
+    from re2tal.cli import main
+
+    (tmp_path / "anet.json").write_text('{"database": {}}')
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{annotations: {tmp_path / 'anet.json'}}}\nhead: {{num_classes: 2}}\n"
+                      f"train: {{storage_path: {tmp_path / 'runs'}}}\ntracking: {{enabled: false}}\n")
+    assert main(["finetune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "re2tal finetune reads a CSV of clips" in err, err

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from re2tal.config import Config, clip_annotations
-from re2tal.errors import BadInput
+from re2tal.config import Config
 from re2tal.training import distributed as dist_utils
 from re2tal.training.loop import State, _broadcast, _Loop, run_worker
 
@@ -181,28 +180,6 @@ class FinetuneLoop(_Loop):
 
 # --------------------------------------------------------------------------------------------
 # the driver
-
-
-def prepare_clips(cfg: Config):
-    """Checks made before any worker starts: the synthetic set written if configured and absent,
-    the clip annotations read, subsets and the class count checked."""
-    from re2tal.data.clips import load_clips
-    from re2tal.data.synth import ensure_synthetic
-
-    if not clip_annotations(cfg.data.annotations):
-        raise BadInput(f"data.annotations: re2tal finetune reads a CSV of clips (Kinetics' label,youtube_id,time_start,time_end,split "
-                       f"or id/url,label,start,end,subset), got {cfg.data.annotations}")
-    if cfg.data.synth is not None:
-        ensure_synthetic(cfg.data, cfg.storage)
-    annotations = load_clips(cfg.data, cfg.storage)
-    for key in ("train_subset", "val_subset"):
-        try:
-            annotations.subset(getattr(cfg.data, key))
-        except BadInput as err:
-            raise BadInput(f"data.{key}: {err}") from None
-    if cfg.head.num_classes != len(annotations.labels):
-        raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} labels")
-    return annotations
 
 
 def output_url(cfg: Config) -> str:

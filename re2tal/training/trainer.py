@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,23 +130,29 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.with_overrides(changes) if changes else cfg
 
 
-def prepare(cfg: Config):
+def prepare(cfg: Config, clips: bool = False):
     """Checks that need the data, made before any worker starts: generates the synthetic set if
-    configured and absent, reads the annotations, checks subsets and the class count."""
+    configured and absent, reads the annotations (ActivityNet JSON; `clips`: a CSV of recognition
+    clips, re2tal.data.clips), checks subsets and the class count."""
+    from re2tal.config import clip_annotations
     from re2tal.data.annotations import load_annotations
+    from re2tal.data.clips import load_clips
     from re2tal.data.synth import ensure_synthetic
 
+    if clip_annotations(cfg.data.annotations) != clips:
+        raise BadInput(f"data.annotations: {cfg.data.annotations}: re2tal finetune reads a CSV of clips (Kinetics' label,youtube_id,"
+                       "time_start,time_end,split or id/url,label,start,end,subset), re2tal train ActivityNet-format JSON")
     if cfg.data.synth is not None:
         ensure_synthetic(cfg.data, cfg.storage)
-    annotations = load_annotations(cfg.data, cfg.storage)
+    annotations = (load_clips if clips else load_annotations)(cfg.data, cfg.storage)
     for key in ("train_subset", "val_subset"):
         try:
             annotations.subset(getattr(cfg.data, key))
         except BadInput as err:
             raise BadInput(f"data.{key}: {err}") from None
-    if cfg.head.num_classes not in (1, len(annotations.labels)):
+    if cfg.head.num_classes not in ((len(annotations.labels),) if clips else (1, len(annotations.labels))):
         raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} "
-                       "action labels (use their number, or 1 for a class-agnostic head)")
+                       + ("labels" if clips else "action labels (use their number, or 1 for a class-agnostic head)"))
     return annotations
 
 
@@ -159,9 +166,9 @@ def task_parts(task: str) -> tuple[Callable[[Config], Any], Callable[[dict], Non
 
             return prepare, train_loop_per_worker, announce_prediction
         case "finetune":
-            from re2tal.training.finetune import finetune_loop_per_worker, prepare_clips
+            from re2tal.training.finetune import finetune_loop_per_worker
 
-            return prepare_clips, finetune_loop_per_worker, lambda cfg: None
+            return partial(prepare, clips=True), finetune_loop_per_worker, lambda cfg: None
     raise ValueError(f"unknown task {task!r}")
 
 
