@@ -214,3 +214,29 @@ def test_finetune_of_detection_annotations_fails_in_one_line_before_any_worker(t
     assert main(["finetune", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "re2tal finetune reads a CSV of clips" in err, err
+
+
+@pytest.mark.parametrize("name", ["swin_t", "pst_t", "slowfast_r50", "tada2d_r50"])
+def test_the_backbone_file_of_every_family_loads_with_its_classifier_dropped(name, tmp_path):
+    """The file's layout is the backbone's own: `backbone.pretrained` loads it as it is (the
+    classifier dropped by the family's classifier keys), also a SlowFast built with mmaction's
+    bare laterals (fusion_norm=False), and finetune loads the classifier back."""
+    from re2tal.backbones import build_backbone
+    from re2tal.backbones.slowfast import SlowFast
+    from re2tal.config import BackboneConfig
+    from re2tal.training.finetune import Classifier, backbone_file_state, build_classifier
+
+    sizes = {"depths": [1, 1, 1, 1]} | ({"embed_dim": 8, "num_heads": [1, 1, 1, 1]} if name in ("swin_t", "pst_t") else {})
+    cfg = BackboneConfig(name=name, reversible=True, **sizes)
+    torch.manual_seed(0)
+    backbone = SlowFast(depths=[1, 1, 1, 1], fusion_kernel=5, fusion_norm=False) if name == "slowfast_r50" else build_backbone(cfg)
+    model = Classifier(backbone, 3, 0.5)
+    file = tmp_path / "backbone.pth"
+    torch.save({"state_dict": backbone_file_state(model), "meta": {}}, file)
+    loaded = build_backbone(cfg.model_copy(update={"pretrained": str(file)}))
+    assert loaded.state_dict().keys() == backbone.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    tree = {"data": {"annotations": "x.csv", "num_frames": 8, "frame_size": 32}, "head": {"num_classes": 3},
+            "backbone": cfg.model_dump() | {"pretrained": str(file)}}
+    again = build_classifier(validate(tree))
+    assert torch.equal(again.head.fc.weight, model.head.fc.weight) and torch.equal(again.head.fc.bias, model.head.fc.bias)

@@ -215,9 +215,7 @@ def export_backbone(cfg: Config, checkpoint: str, metrics: dict | None = None) -
     model = build_classifier(cfg.with_overrides({"backbone.pretrained": None}))
     with local_checkpoint(checkpoint, cfg) as path:
         weights = load_weights(model, path)
-    state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    prefix = classifier_prefix(model.backbone)
-    state |= {f"{prefix}.weight": model.head.fc.weight.detach().clone(), f"{prefix}.bias": model.head.fc.bias.detach().clone()}
+    state = backbone_file_state(model)
     meta = {"backbone": cfg.backbone.model_dump(mode="json"), "classes": cfg.head.num_classes, "weights": weights,
             "checkpoint": checkpoint, "top1": (metrics or {}).get("top1"), "top1_before": (metrics or {}).get("top1_before")}
     url = output_url(cfg)
@@ -227,6 +225,14 @@ def export_backbone(cfg: Config, checkpoint: str, metrics: dict | None = None) -
     with fs.open(path, "wb") as f:
         torch.save({"state_dict": state, "meta": {"re2tal": meta}}, f)
     return url
+
+
+def backbone_file_state(model: Classifier) -> dict[str, Tensor]:
+    """The backbone's state dict (its own layout; rewiring keeps the keys) with the classifier
+    under the layout's classifier keys (`classifier_prefix`)."""
+    state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+    prefix = classifier_prefix(model.backbone)
+    return state | {f"{prefix}.weight": model.head.fc.weight.detach().clone(), f"{prefix}.bias": model.head.fc.bias.detach().clone()}
 
 
 def finetune_command(args: argparse.Namespace) -> int:

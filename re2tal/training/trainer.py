@@ -111,7 +111,8 @@ class Progress:
         self.bar.close()
 
 
-PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path")
+PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path",
+             "finetune.output")
 
 
 def absolute_paths(cfg: Config) -> Config:
