@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="frame height and width (default 64)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--clips", action="store_true", help="also write clips.csv: a recognition set cut from the videos (each action a clip "
-                   "of its class, each gap a background clip) for `re2tal finetune`")
+                   "of its class, the longest gap of each video a background clip) for `re2tal finetune`")
     p = data.add_parser("inspect", help="frames, fps, duration and size of a video",
                         description="Open a video through fsspec + decord and print its frames, fps, duration, height and width.")
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
