@@ -19,6 +19,7 @@ from re2tal.errors import BadInput
 # or None while the capability is not built yet.
 HANDLERS: dict[str, str | None] = {
     "train": "re2tal.training.cli:train_command",
+    "finetune": "re2tal.training.finetune:finetune_command",
     "tune": "re2tal.training.cli:tune_command",
     "eval": "re2tal.training.cli:eval_command",
     "predict": "re2tal.training.cli:predict_command",
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (Ray Train + DeepSpeed; local Ray if no cluster)",
                        description="Train end to end from raw frames. Re-running with the same train.name resumes from its last checkpoint.")
+    _config_args(p)
+    p.add_argument("--local", action="store_true", help="run in-process (Ray Train local mode, num_workers=0) so a debugger works")
+    _verbose_arg(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone for action recognition on clips (Kinetics-style; Ray Train + DeepSpeed)",
+                       description="Action-recognition fine-tuning of the backbone (reversible or not) with a linear classifier on a CSV of "
+                                   "clips (Kinetics' layout accepted): top-1 / top-5 on the validation clips, checkpoints, MLflow. At the end "
+                                   "it writes a backbone file that backbone.pretrained of a localization config loads. Re-running with the "
+                                   "same train.name resumes from its last checkpoint.")
     _config_args(p)
     p.add_argument("--local", action="store_true", help="run in-process (Ray Train local mode, num_workers=0) so a debugger works")
     _verbose_arg(p)
@@ -109,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=10.0, help="frame rate (default 10)")
     p.add_argument("--size", type=int, default=64, help="frame height and width (default 64)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--clips", action="store_true", help="also write clips.csv: a recognition set cut from the videos (each action a clip "
+                   "of its class, the longest gap of each video a background clip) for `re2tal finetune`")
     p = data.add_parser("inspect", help="frames, fps, duration and size of a video",
                         description="Open a video through fsspec + decord and print its frames, fps, duration, height and width.")
     p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")

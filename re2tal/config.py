@@ -53,6 +53,12 @@ def check_url(value: str | None) -> str | None:
     return value
 
 
+def clip_annotations(url: str) -> bool:
+    """Whether an annotation file lists recognition clips (CSV, re2tal.data.clips) rather than
+    ActivityNet-format detection annotations (JSON)."""
+    return url.lower().endswith(".csv")
+
+
 # --------------------------------------------------------------------------------------------
 # data, storage, augmentation
 
@@ -83,8 +89,8 @@ class SynthConfig(Section):
 class DataConfig(Section):
     """Where the videos and annotations are, and how frames are sampled from long videos."""
 
-    annotations: str = Field(description="URL of the ActivityNet-format annotation JSON (s3://, gs://, http(s)://, file:// or path). Required.")
-    video_root: str | None = Field(None, description="URL prefix of the videos: a video's file is its `url` in the annotations, else `<video_root>/<id>.<video_ext>`. Default: the annotation file's folder.")
+    annotations: str = Field(description="URL of the ActivityNet-format annotation JSON (s3://, gs://, http(s)://, file:// or path); for `re2tal finetune` a CSV of recognition clips (Kinetics' `label,youtube_id,time_start,time_end,split`, or `id`/`url`, `label`, `start`, `end`, `subset`). Required.")
+    video_root: str | None = Field(None, description="URL prefix of the videos: a video's file is its `url` in the annotations, else `<video_root>/<id>.<video_ext>` (Kinetics CSV: `<video_root>/<youtube_id>_<start:06d>_<end:06d>.<video_ext>`, `{split}` in video_root replaced by the row's split). Default: the annotation file's folder.")
     video_ext: str = Field("mp4", description="File extension of videos under video_root.")
     video_prefix: str = Field("", description="File-name prefix of videos under video_root (ActivityNet files are `v_<id>.mp4`: `v_`).")
     use_annotation_urls: bool = Field(True, description="Take a video's `url` from the annotations when it has one. ActivityNet's are YouTube pages: set false to read `<video_root>/<video_prefix><id>.<video_ext>`.")
@@ -365,13 +371,30 @@ class HeadConfig(Section):
         return self
 
 
+class FinetuneConfig(Section):
+    """`re2tal finetune`: action-recognition fine-tuning of the backbone (e.g. Re²TAL's 30 epochs on
+    Kinetics-400 after rewiring) with a linear classifier of head.num_classes on the pooled
+    features; the other head keys are localization's and unused. Evaluation: top-1 / top-5 of
+    one clip (centre crop) per validation clip."""
+
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Dropout before the linear classifier (mmaction's I3DHead for Swin / SlowFast: 0.5).")
+    load_classifier: bool = Field(True, description="Start the classifier from the `backbone.pretrained` file's when it has one of head.num_classes x backbone channels (torchvision / pytorchvideo / mmaction Kinetics-400 files on Kinetics-400, or a file written by finetune); else it starts from N(0, 0.01) weights and zero bias, as mmaction's.")
+    eval_at_start: bool = Field(True, description="Evaluate once before the first step of a fresh run (logged as top1 / top5 at step 0): what the rewired pretrained model scores before fine-tuning.")
+    output: str | None = Field(None, description="Where the fine-tuned backbone file is written at the end (any fsspec URL): the backbone's own layout (the one `backbone.pretrained` loads as it is) plus its classifier, so a localization config loads it directly. Default: `<train.storage_path>/<train.name>/backbone.pth`.")
+
+    _urls = field_validator("output")(check_url)
+
+
 # --------------------------------------------------------------------------------------------
 # optimisation, distributed training
 
 
 class OptimConfig(Section):
-    """AdamW with separate backbone / head learning rates, linear warmup then cosine decay."""
+    """AdamW (or SGD with momentum) with separate backbone / head learning rates, linear warmup
+    then cosine decay."""
 
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="`adamw` (torch's AdamW, betas below), or `sgd`: torch's SGD with `momentum` (mmaction's SlowFast Kinetics recipe).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum.")
     backbone_lr: NonNegativeFloat = Field(1e-5, description="Learning rate of the backbone parameters.")
     head_lr: PositiveFloat = Field(1e-4, description="Learning rate of the neck / head parameters.")
     weight_decay: NonNegativeFloat = Field(0.05, description="AdamW weight decay (not applied to norms and biases).")
@@ -572,6 +595,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -586,8 +610,9 @@ class Config(Section):
             raise ValueError("deepspeed.precision: fp16 needs a GPU (train.use_gpu=true); use bf16 or fp32 on CPU")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer: needs zero_stage >= 1")
-        if d.synth is not None and d.synth.classes != self.head.num_classes:
-            raise ValueError(f"head.num_classes: {self.head.num_classes} but the synthetic dataset (data.synth.classes) has {d.synth.classes} classes")
+        if d.synth is not None and d.synth.classes + clip_annotations(d.annotations) != self.head.num_classes:
+            what = f"{d.synth.classes} classes" + (" + background (clips)" if clip_annotations(d.annotations) else "")
+            raise ValueError(f"head.num_classes: {self.head.num_classes} but the synthetic dataset (data.synth.classes) has {what}")
         if self.train.num_workers == 0 and self.train.use_gpu:
             raise ValueError("train.use_gpu: the in-process local mode (num_workers=0) runs on CPU")
         return self

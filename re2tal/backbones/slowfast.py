@@ -205,7 +205,9 @@ class SlowFast(Backbone):
         mmaction = any(k.removeprefix("backbone.").startswith("slow_path.") for k in state)
         name = "slow_path.conv1_lateral.conv.weight" if mmaction else "blocks.0.multipathway_fusion.conv_fast_to_slow.weight"
         weight = state.get(name, state.get("backbone." + name))
-        opts: dict[str, Any] = {"fusion_norm": not mmaction}
+        # our own layout without the fusion norms: a file re2tal wrote from an mmaction-shaped model
+        norm = "blocks.0.multipathway_fusion.norm.weight" in state or weight is None
+        opts: dict[str, Any] = {"fusion_norm": not mmaction and norm}
         if weight is not None and weight.dim() == 5:
             opts["fusion_kernel"] = weight.shape[2]
         return opts

@@ -38,6 +38,7 @@ class Video:
     segments: np.ndarray  # float32 (M, 2) seconds, start < end
     labels: np.ndarray  # int64 (M,) class ids
     index: int  # position in the annotation file (stable per-video seeds)
+    clip: tuple[float, float] | None = None  # a recognition clip (re2tal.data.clips): its (start, end) s in the file, end inf = the file's end
 
 
 @dataclass(frozen=True, eq=False)

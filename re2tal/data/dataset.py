@@ -96,6 +96,9 @@ def shard(count: int, rank: int, world_size: int, epoch: int, seed: int, shuffle
 def plan_windows(info: VideoInfo, video: Video, cfg: Config, training: bool, rng: np.random.Generator) -> list[sampling.Window]:
     """The windows of one video that this pass turns into clips."""
     d = cfg.data
+    if video.clip is not None:  # a recognition clip: one window inside it
+        return [sampling.clip_window(*video.clip, info.duration, d.frame_interval / info.fps if d.sampling == "sliding" else None,
+                                     d.num_frames, rng if training else None)]
     if d.sampling == "uniform":
         return [sampling.uniform_window(info.duration, d.num_frames)]
     step = d.frame_interval / info.fps

@@ -74,6 +74,22 @@ def random_window(duration: float, step: float, num_frames: int, rng: np.random.
     return window(float(rng.uniform(lo, hi)), step, num_frames, duration)
 
 
+def clip_window(start: float, end: float, duration: float, step: float | None, num_frames: int,
+                rng: np.random.Generator | None) -> Window:
+    """The window of a recognition clip [start, end) of a file `duration` s long (end clipped to it):
+    `step` None (uniform) spans the whole clip; else num_frames samples `step` s apart, at a
+    random place inside the clip when `rng` is given (training), else centred (evaluation), as
+    mmaction's SampleFrames; a clip shorter than that is padded at its end."""
+    end = min(end, duration)
+    start = min(start, max(0.0, end - 1e-3))
+    if step is None:
+        return Window(start, end, num_frames)
+    span = num_frames * step
+    room = max(0.0, (end - start) - span)
+    offset = float(rng.uniform(0, room)) if rng is not None else room / 2
+    return window(start + offset, step, num_frames, end)
+
+
 def sample_times(w: Window, num_frames: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """(num_frames,) time (s) of each sample: interval centres, or uniform within the interval
     with jitter (`rng`). Padding samples repeat the last valid one."""

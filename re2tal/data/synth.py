@@ -40,7 +40,7 @@ import av
 import numpy as np
 from pydantic import ValidationError
 
-from re2tal.config import DataConfig, StorageConfig, SynthConfig, format_error
+from re2tal.config import DataConfig, StorageConfig, SynthConfig, clip_annotations, format_error
 from re2tal.data.storage import filesystem, protocol
 from re2tal.errors import BadInput
 
@@ -352,8 +352,32 @@ def ensure_synthetic(data: DataConfig, storage: StorageConfig) -> bool:
     if data.video_ext != "mp4":
         raise BadInput(f"data.video_ext: the synthetic dataset writes mp4 files, got {data.video_ext!r}")
     folder, _, name = data.annotations.rstrip("/").rpartition("/")
+    if clip_annotations(name):  # a recognition set: the TAL set's annotations.json next to it, then the clips
+        tal = DataConfig(annotations=f"{folder or '.'}/{SYNTH_TAL_NAME}", video_root=data.video_root, synth=data.synth)
+        ensure_synthetic(tal, storage)
+        write_clips(folder or ".", storage, clips_name=name)
+        return True
     write_synthetic(folder or ".", data.synth, storage, annotations_name=name, videos_url=data.video_root)
     return True
+
+
+SYNTH_TAL_NAME = "annotations.json"
+SYNTH_CLIPS_NAME = "clips.csv"
+
+
+def write_clips(url: str, storage: StorageConfig, clips_name: str = SYNTH_CLIPS_NAME, tal_name: str = SYNTH_TAL_NAME) -> int:
+    """`<url>/<clips_name>`: the recognition clips cut from the TAL set `<url>/<tal_name>` (each
+    action a clip of its class, each gap of at least a second a `background` clip; see
+    re2tal.data.clips), which refer to the TAL set's videos by id. Returns the number of clips."""
+    from re2tal.data.clips import clips_csv, clips_from_detection
+
+    fs, root = filesystem(url, storage)
+    try:
+        rows = clips_from_detection(json.loads(fs.cat_file(posixpath.join(root, tal_name))))
+        _put(fs, posixpath.join(root, clips_name), clips_csv(rows))
+    except OSError as err:
+        raise BadInput(f"{url}: cannot write the synthetic clips ({type(err).__name__}: {err})") from None
+    return len(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,4 +400,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.videos} videos ({train} training, {cfg.val_videos} validation, {cfg.classes} classes, "
           f"{num_frames(cfg)} frames of {cfg.size}x{cfg.size} at {cfg.fps:g} fps) and annotations.json to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
+    if args.clips:
+        clips = write_clips(args.out, StorageConfig())
+        print(f"wrote {clips} recognition clips ({cfg.classes} classes + background) cut from them to "
+              f"{args.out.rstrip('/')}/{SYNTH_CLIPS_NAME}")
     return 0

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,14 +43,26 @@ class State:
     step: int = 0  # optimizer steps done in total
     best: float = -1.0  # best average mAP so far
     last_eval: dict = dataclasses.field(default_factory=dict)  # metrics of the latest evaluation
+    start_eval: dict = dataclasses.field(default_factory=dict)  # metrics of the evaluation before the first step, if made
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Localization: the Localizer, its detection losses, mAP."""
+    from re2tal.detection import DetectionLoss
+    from re2tal.training.model import build_model
+
+    run_worker(config, build_model, lambda model: model.detector, lambda cfg: DetectionLoss(cfg.head), _Loop)
+
+
+def run_worker(config: dict, build: Callable[[Config], torch.nn.Module], head_of: Callable[[torch.nn.Module], torch.nn.Module],
+               make_criterion: Callable[[Config], torch.nn.Module], loop_type: type["_Loop"]) -> None:
+    """The worker of a task: `build(cfg)` its model (with a `backbone`), `head_of(model)` the rest
+    (its own learning rate), `make_criterion(cfg)` its loss (with set_epoch and a state dict, saved
+    per worker), `loop_type` the loop whose hooks say what a batch's loss and an evaluation are."""
     import deepspeed
     import ray.train
 
-    from re2tal.detection import DetectionLoss
-    from re2tal.training.model import EMA, build_model
+    from re2tal.training.model import EMA
     from re2tal.training.optim import deepspeed_config, param_groups, scheduler_factory
     from re2tal.training.trainer import steps_per_epoch
 
@@ -61,15 +73,15 @@ def train_loop_per_worker(config: dict) -> None:
     worker = dist_utils.setup(cfg)
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every worker
-    model = build_model(cfg)
+    model = build(cfg)
     steps = steps_per_epoch(cfg, annotations, worker.world_size)
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model.backbone, model.detector, cfg.optim),
+        model_parameters=param_groups(model.backbone, head_of(model), cfg.optim),
         config=deepspeed_config(cfg),
         lr_scheduler=scheduler_factory(cfg.optim, steps, cfg.train.epochs),
     )
-    criterion = DetectionLoss(cfg.head).to(worker.device)
+    criterion = make_criterion(cfg).to(worker.device)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema else None
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + worker.rank)
     dist_utils.seed_everything(cfg.train.seed * 1000 + worker.rank)
@@ -84,12 +96,18 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = _tracker(config) if worker.is_main else None
     if tracker is not None and checkpoint is not None:
         tracker.metrics({"resumed_at_step": state.step}, step=state.step)  # restarts show in MLflow
-    loop = _Loop(cfg, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"), local,
-                 cursor=config.get("cursor"))
+    loop = loop_type(cfg, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"), local,
+                     cursor=config.get("cursor"))
     loop.run(state, micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
 
 
 class _Loop:
+    """The epoch loop of localization. A task's loop (re2tal.training.finetune) overrides the
+    hooks: `loss_keys`, `losses` (a batch's forward and losses), `evaluate`, `at_start`,
+    `final_metrics`."""
+
+    loss_keys = ("loss", "cls_loss", "reg_loss")  # what `losses` returns, logged as the mean over a report window
+
     def __init__(self, cfg: Config, worker: Worker, engine, criterion, ema, generator, annotations, tracker, progress, local: bool,
                  cursor=None):
         self.cfg, self.worker, self.engine, self.criterion = cfg, worker, engine, criterion
@@ -116,6 +134,8 @@ class _Loop:
         if state.epoch >= cfg.train.epochs:  # a finished run launched again: report how it ended
             self.report(state, {"epoch": state.epoch, "step": state.step, **state.last_eval})
             return
+        if state.epoch == 0 and state.step == 0 and state.micro == 0:
+            self.at_start(state)
         while state.epoch < cfg.train.epochs:
             cache_before = self.source.cache_use()
             throughput = self.train_epoch(state)
@@ -128,7 +148,7 @@ class _Loop:
             if last or (state.epoch + 1) % cfg.train.eval_every_epochs == 0:
                 metrics |= self.evaluate(state)
             if last:
-                metrics["random_average_mAP"] = self.random_baseline()
+                metrics |= self.final_metrics(state)
             metrics["storage_fetched_mb"] = self.log_cache_use(state, cache_before)
             state.epoch, state.micro, state.position = state.epoch + 1, 0, 0
             self.save(state, metrics)
@@ -137,7 +157,6 @@ class _Loop:
         """Train the rest of `state.epoch`; its throughput metrics, or None when it had to stop
         (non-finite loss)."""
         from re2tal.data.augment import augment_clips
-        from re2tal.detection import targets_in_window
 
         cfg, engine, worker = self.cfg, self.engine, self.worker
         engine.train()
@@ -151,11 +170,7 @@ class _Loop:
             waited += time.perf_counter() - tick
             frames = augment_clips(batch["frames"].to(worker.device), cfg.augment, cfg.data.frame_size,
                                    cfg.backbone.pixel_mean, cfg.backbone.pixel_std, self.generator, training=True).to(self.dtype)
-            valid = batch["valid"].to(worker.device, torch.float32) / frames.shape[2]
-            targets = [targets_in_window(s.numpy(), self.class_ids(l).numpy(), w, cfg.head.seq_len)
-                       for s, l, w in zip(batch["segments"], batch["labels"], batch["window"])]
-            out = engine(frames, valid)
-            losses = self.criterion(out, [t[0].to(worker.device) for t in targets], [t[1].to(worker.device) for t in targets])
+            losses = self.losses(frames, batch)
             if not self.all_finite(losses["loss"]):
                 self.stop(state, f"non-finite loss ({losses['loss'].item()}) at epoch {state.epoch + 1}, step {state.step + 1}")
                 return None
@@ -165,7 +180,7 @@ class _Loop:
             state.micro, state.position = state.micro + 1, position
             clips += len(batch["video_id"])
             videos.update(batch["video_id"])
-            window_losses.append(torch.stack([losses[k].detach().float() for k in ("loss", "cls_loss", "reg_loss")]))
+            window_losses.append(torch.stack([losses[k].detach().float() for k in self.loss_keys]))
             if boundary:
                 state.step += 1
                 if self.ema is not None:
@@ -218,6 +233,24 @@ class _Loop:
                 raise BadInput(f"data.annotations: no video of worker {w.rank}'s training shard could be read (epoch {epoch + 1})")
             start = 0
 
+    def losses(self, frames: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward of one augmented micro-batch and its losses (`loss_keys`; `loss` is minimised)."""
+        from re2tal.detection import targets_in_window
+
+        cfg, device = self.cfg, self.worker.device
+        valid = batch["valid"].to(device, torch.float32) / frames.shape[2]
+        targets = [targets_in_window(s.numpy(), self.class_ids(l).numpy(), w, cfg.head.seq_len)
+                   for s, l, w in zip(batch["segments"], batch["labels"], batch["window"])]
+        out = self.engine(frames, valid)
+        return self.criterion(out, [t[0].to(device) for t in targets], [t[1].to(device) for t in targets])
+
+    def at_start(self, state: State) -> None:
+        """Before the first step of a fresh run (not on resume): nothing for localization."""
+
+    def final_metrics(self, state: State) -> dict[str, float]:
+        """Added to the last epoch's metrics: the chance level to beat."""
+        return {"random_average_mAP": self.random_baseline()}
+
     def class_ids(self, labels: torch.Tensor) -> torch.Tensor:
         """A class-agnostic head (num_classes=1) learns every action as class 0."""
         return torch.zeros_like(labels) if self.cfg.head.num_classes == 1 else labels
@@ -239,7 +272,7 @@ class _Loop:
         head_lr = next((lr for lr, g in zip(lrs, groups) if g.get("name", "").startswith("head")), lrs[0])
         backbone_lr = next((lr for lr, g in zip(lrs, groups) if g.get("name", "").startswith("backbone")), 0.0)
         return {"epoch": state.epoch + state.micro / self.micro_per_epoch, "step": state.step,
-                "loss": mean[0], "cls_loss": mean[1], "reg_loss": mean[2], "lr": head_lr, "lr_backbone": backbone_lr,
+                **dict(zip(self.loss_keys, mean)), "lr": head_lr, "lr_backbone": backbone_lr,
                 "peak_memory_gb": dist_utils.all_max(dist_utils.peak_memory_gb(self.worker), self.worker)}
 
     def log_cache_use(self, state: State, before: dict) -> float:

@@ -12,7 +12,7 @@ from re2tal.config import Config, OptimConfig
 
 
 def param_groups(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: backbone and head at their own learning rates, and within each, no weight
+    """Optimizer groups: backbone and head at their own learning rates, and within each, no weight
     decay for biases, norms and other 1-D parameters or position-bias tables. Frozen parameters
     (requires_grad=False) are left out."""
     groups = []
@@ -64,17 +64,27 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.head_lr,
-                "betas": list(cfg.optim.betas),
-                "weight_decay": cfg.optim.weight_decay,
-                # torch's AdamW: DeepSpeed's fused Adam would JIT-compile an op on every new
-                # node (and needs nvcc in the GPU image).
-                "torch_adam": True,
-            },
-        },
+        "optimizer": optimizer_config(cfg.optim),
+        # ZeRO partitions any elementwise optimizer; DeepSpeed lists only its Adam family as tested
+        "zero_allow_untested_optimizer": cfg.optim.optimizer == "sgd",
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+    }
+
+
+def optimizer_config(cfg: OptimConfig) -> dict[str, Any]:
+    """DeepSpeed's `optimizer` entry: torch's AdamW, or torch's SGD (a type DeepSpeed does not
+    know is taken from torch.optim)."""
+    if cfg.optimizer == "sgd":
+        return {"type": "SGD", "params": {"lr": cfg.head_lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}}
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": cfg.head_lr,
+            "betas": list(cfg.betas),
+            "weight_decay": cfg.weight_decay,
+            # torch's AdamW: DeepSpeed's fused Adam would JIT-compile an op on every new
+            # node (and needs nvcc in the GPU image).
+            "torch_adam": True,
+        },
     }

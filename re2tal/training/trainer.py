@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +94,8 @@ class Progress:
                 self.bar.n = rec["step"]
                 self.bar.set_postfix(epoch=rec["epoch"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 self.bar.refresh()
+            elif kind == "eval" and not self.bar.disable and "text" in rec:
+                self.bar.write(rec["text"])
             elif kind == "eval" and not self.bar.disable:
                 self.bar.write(f"epoch {rec['epoch']}: average mAP {rec['average_mAP']:.4f}  " +
                                "  ".join(f"mAP@{t} {v:.3f}" for t, v in rec["mAP"].items()))
@@ -108,7 +111,8 @@ class Progress:
         self.bar.close()
 
 
-PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path")
+PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path",
+             "finetune.output")
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -127,44 +131,66 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.with_overrides(changes) if changes else cfg
 
 
-def prepare(cfg: Config):
+def prepare(cfg: Config, clips: bool = False):
     """Checks that need the data, made before any worker starts: generates the synthetic set if
-    configured and absent, reads the annotations, checks subsets and the class count."""
+    configured and absent, reads the annotations (ActivityNet JSON; `clips`: a CSV of recognition
+    clips, re2tal.data.clips), checks subsets and the class count."""
+    from re2tal.config import clip_annotations
     from re2tal.data.annotations import load_annotations
+    from re2tal.data.clips import load_clips
     from re2tal.data.synth import ensure_synthetic
 
+    if clip_annotations(cfg.data.annotations) != clips:
+        raise BadInput(f"data.annotations: {cfg.data.annotations}: re2tal finetune reads a CSV of clips (Kinetics' label,youtube_id,"
+                       "time_start,time_end,split or id/url,label,start,end,subset), re2tal train ActivityNet-format JSON")
     if cfg.data.synth is not None:
         ensure_synthetic(cfg.data, cfg.storage)
-    annotations = load_annotations(cfg.data, cfg.storage)
+    annotations = (load_clips if clips else load_annotations)(cfg.data, cfg.storage)
     for key in ("train_subset", "val_subset"):
         try:
             annotations.subset(getattr(cfg.data, key))
         except BadInput as err:
             raise BadInput(f"data.{key}: {err}") from None
-    if cfg.head.num_classes not in (1, len(annotations.labels)):
+    if cfg.head.num_classes not in ((len(annotations.labels),) if clips else (1, len(annotations.labels))):
         raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} "
-                       "action labels (use their number, or 1 for a class-agnostic head)")
+                       + ("labels" if clips else "action labels (use their number, or 1 for a class-agnostic head)"))
     return annotations
 
 
+def task_parts(task: str) -> tuple[Callable[[Config], Any], Callable[[dict], None], Callable[[Config], float | None]]:
+    """What differs between the tasks a run trains, in one place: (checks and annotations before
+    any worker starts, the per-worker loop, the peak-memory prediction announced)."""
+    match task:
+        case "localization":
+            from re2tal.training.loop import train_loop_per_worker
+            from re2tal.training.plan import announce_prediction
+
+            return prepare, train_loop_per_worker, announce_prediction
+        case "finetune":
+            from re2tal.training.finetune import finetune_loop_per_worker
+
+            return partial(prepare, clips=True), finetune_loop_per_worker, lambda cfg: None
+    raise ValueError(f"unknown task {task!r}")
+
+
 def fit(cfg: Config, *, local: bool = False, callbacks: list | None = None, extra_tags: dict | None = None,
-        show_progress: bool = True, verbose: bool = False) -> dict:
+        show_progress: bool = True, verbose: bool = False, task: str = "localization") -> dict:
     """Train; returns the final metrics of rank 0 (plus `checkpoint`, `mlflow_run_id`). Raises
     BadInput for bad inputs (before any worker starts) and TrainingStopped when the run cannot
     finish. `show_progress`: draw the progress bar and evaluation lines; `verbose`: let Ray's own
-    log lines through."""
+    log lines through. `task`: localization (`re2tal train`) or finetune (action recognition,
+    `re2tal finetune`)."""
     import ray.train
     import ray.util.queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from re2tal import tracking
-    from re2tal.training.loop import train_loop_per_worker
-    from re2tal.training.plan import announce_prediction
 
     cfg = absolute_paths(cfg)
-    annotations = prepare(cfg)
-    predicted_gb = announce_prediction(cfg)
+    check_data, train_loop_per_worker, predict_memory = task_parts(task)
+    annotations = check_data(cfg)
+    predicted_gb = predict_memory(cfg)
     storage_path, storage_fs = storage_for_ray(cfg.train.storage_path, cfg.storage)
     num_workers = 0 if local else cfg.train.num_workers
     if not local:
