@@ -49,6 +49,10 @@ def setup(cfg: Config) -> Worker:
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed keeps a module-wide clone of the world group, made on its first engine; Ray
+        # Train's local mode destroys the group after each run, so a second run in this process
+        # would broadcast over a dead group. A new group gets a new clone.
+        deepspeed.utils.groups._WORLD_GROUP = None
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo", verbose=False)
     return Worker(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
