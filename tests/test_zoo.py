@@ -290,7 +290,7 @@ def test_re2_mvit_keeps_no_block_activations_and_checkpointing_keeps_gradients()
 
 
 def test_mvit_long_clip_attends_in_bounded_calls(monkeypatch):
-    """A clip past one attention call's budget is split by query frames: same features."""
+    """A clip past one attention call's budget is split into groups of queries: same features."""
     from re2tal.backbones import mvit
 
     torch.manual_seed(0)
@@ -298,7 +298,7 @@ def test_mvit_long_clip_attends_in_bounded_calls(monkeypatch):
     x = torch.randn(1, 3, 32, 32, 32)
     with torch.no_grad():
         whole = model(x)
-        monkeypatch.setattr(mvit, "ATTN_CALL_ELEMENTS", 1000)  # < one query frame x keys: one frame per call
+        monkeypatch.setattr(mvit, "ATTN_CALL_ELEMENTS", 1000)  # stage 1: 58 of its 1024 queries per call
         split = model(x)
     assert whole.shape == (1, 128, 16, 1, 1) and rel(split, whole) <= 1e-6
 

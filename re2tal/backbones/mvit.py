@@ -32,8 +32,9 @@ any grid; ours derive the grid from the input, so any T and H, W work.
 Attention is global within a block: a query attends every (pooled) key of the whole clip, so
 its cost grows with T^2 (at 224 px, stage 1 has T' * 3136 queries and T' * 49 keys per head).
 It runs through `F.scaled_dot_product_attention` with the decomposed relative position bias as
-its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (whole query frames),
-so memory per call is bounded at any T; time is not.
+its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (groups of queries), so
+the memory of one call is bounded at any T (the standard mode still keeps every call's inputs
+for backward: per-block checkpointing or Re² is what makes long clips fit); time is not bounded.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ Triple = tuple[int, int, int]
 PRETRAIN_CLIP: Triple = (16, 224, 224)
 PATCH_KERNEL, PATCH_STRIDE, PATCH_PADDING = (3, 7, 7), (2, 4, 4), (1, 3, 3)
 # Attention calls hold at most this many elements of the (B, heads, queries, keys) bias each.
-ATTN_CALL_ELEMENTS = 2**24
+ATTN_CALL_ELEMENTS = 2**26
 
 
 def to_grid(tokens: Tensor, thw: Sequence[int]) -> Tensor:
@@ -146,25 +147,24 @@ class MultiscaleAttention(nn.Module):
         return self.project(out.transpose(1, 2).reshape(b, q.shape[2], -1)), q_thw
 
     def _attend_patches(self, q: Tensor, k: Tensor, v: Tensor, q_thw: Triple, k_thw: Triple) -> Tensor:
-        """softmax(q k^T / sqrt(d) + bias) v + q for the patch queries, (B, heads, N_q, d), in calls
-        of whole query frames. bias[(t, h, w), (t', h', w')] = q . (Rt[t, t'] + Rh[h, h'] + Rw[w, w']),
-        0 for the class token key."""
+        """softmax(q k^T / sqrt(d) + bias) v + q for the patch queries, (B, heads, N_q, d), in calls of
+        at most ATTN_CALL_ELEMENTS bias elements. bias[(t, h, w), (t', h', w')] = q . (Rt[t, t'] +
+        Rh[h, h'] + Rw[w, w']), 0 for the class token key; the three terms are (B, heads, N_q, k_*)."""
         b, heads, _, d = q.shape
         (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
         r_q = q[:, :, 1:].reshape(b, heads, qt, qh, qw, d)
-        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, relative_positions(self.rel_pos_t, qt, kt))
-        rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, relative_positions(self.rel_pos_h, qh, kh))
-        rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, relative_positions(self.rel_pos_w, qw, kw))
-        frames = max(1, ATTN_CALL_ELEMENTS // (b * heads * qh * qw * k.shape[2]))
+        terms = [torch.einsum(f"bnthwc,{axis}kc->bnthwk", r_q, relative_positions(table, nq, nk)).flatten(2, 4)
+                 for axis, table, nq, nk in (("t", self.rel_pos_t, qt, kt), ("h", self.rel_pos_h, qh, kh), ("w", self.rel_pos_w, qw, kw))]
+        rel_t, rel_h, rel_w = terms
+        n_q, n_k = qt * qh * qw, kt * kh * kw
+        per_call = max(1, ATTN_CALL_ELEMENTS // (b * heads * (1 + n_k)))
         outs = []
-        for t0 in range(0, qt, frames):
-            f = slice(t0, t0 + frames)
-            bias = (rel_t[:, :, f, :, :, :, None, None] + rel_h[:, :, f, :, :, None, :, None]
-                    + rel_w[:, :, f, :, :, None, None, :])
-            n_q = bias.shape[2] * qh * qw
-            mask = F.pad(bias.reshape(b, heads, n_q, kt * kh * kw), (1, 0))  # class token key: no bias
-            q_f = q[:, :, 1 + t0 * qh * qw:1 + t0 * qh * qw + n_q]
-            outs.append(F.scaled_dot_product_attention(q_f, k, v, attn_mask=mask.to(q.dtype)) + q_f)
+        for start in range(0, n_q, per_call):
+            sl = slice(start, start + per_call)
+            bias = rel_t[:, :, sl, :, None, None] + rel_h[:, :, sl, None, :, None] + rel_w[:, :, sl, None, None, :]
+            mask = F.pad(bias.flatten(3), (1, 0))  # class token key: no bias
+            q_s = q[:, :, 1:][:, :, sl]
+            outs.append(F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask.to(q.dtype)) + q_s)
         return torch.cat(outs, 2)
 
 
