@@ -208,10 +208,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class PatchShiftConfig(Section):
-    """Temporal patch shift (TPS): pst_t's pattern, or TPS added to swin_t's 3-D windows (ours, not PST)."""
+    """Temporal patch shift (TPS): pst_t's pattern, or TPS added to swin_t / swin_s / swin_b's 3-D windows (ours, not PST)."""
 
     pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper: A, B (2x2 tiles over 3 / 4 frames), C (3x3 over 9 frames; the authors' code and weights), D (4x4 over 16 frames).")
-    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; `all`: swin_t only (pst_t's even blocks channel-shift, as its authors').")
+    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; `all`: swin_t / swin_s / swin_b only (pst_t's even blocks channel-shift, as its authors').")
     boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Clip ends: `cyclic` rolls patches around (the authors' code, so PST weights behave as trained); `zero` lets patches shifted past an end read zeros (no mixing of a clip's first and last frames).")
 
 
@@ -234,7 +234,7 @@ class BackboneConfig(Section):
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
     fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: that of the `pretrained` file's fusion convs, without one pytorchvideo's (r50: 7, r101: 5; mmaction's R101 file and the Re²TAL authors' Re²SlowFast-101 have 7).")
     tadaconv: bool = Field(False, description="slowfast_*: make every bottleneck's spatial conv_b (both pathways) a TAdaConv with its route function (SlowFast + TAdaConv); equals plain SlowFast at initialisation. tada2d_r50 has TAdaConv built in.")
-    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; swin3d_t weights). None on swin_t: plain Video Swin.")
+    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t / swin_s / swin_b it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; torchvision's swin3d_* weights). None on swin_*: plain Video Swin.")
     pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input, 0-1 scale (RGB / 255). The default is torchvision's and mmaction's ([123.675, 116.28, 103.53] / 255: their Swin / SlowFast and the Re²TAL authors' files); pytorchvideo's SlowFast: [0.45, 0.45, 0.45]. Defaults of the torchvision weights: video ResNet-18s [0.43216, 0.394666, 0.37645], mvit_v2_s [0.45, 0.45, 0.45].")
     pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input, 0-1 scale. The default is torchvision's and mmaction's ([58.395, 57.12, 57.375] / 255); pytorchvideo's SlowFast: [0.225, 0.225, 0.225]. Defaults of the torchvision weights: video ResNet-18s [0.22803, 0.22145, 0.216989], mvit_v2_s [0.225, 0.225, 0.225].")
 
