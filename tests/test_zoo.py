@@ -289,6 +289,15 @@ def test_re2_mvit_keeps_no_block_activations_and_checkpointing_keeps_gradients()
     assert rel(yc, ys) <= 1e-6 and rel(xc, xs) <= 1e-5 and max(rel(pc[k], ps[k]) for k in ps) <= 1e-5
 
 
+def test_mvit_frozen_stages():
+    model = build_backbone(cfg(name="mvit_v2_s", reversible=True, depths=[2, 2, 1, 1], frozen_stages=1, **MVIT_SMALL)).train()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("conv_proj.", "pos_encoding.", "stages.0."))}
+    assert not model.stages[0].training and model.stages[1].training
+    _, _, grads = loss_grads(model, torch.randn(1, 3, 4, 32, 32))
+    assert grads and not any(k.startswith(("conv_proj.", "stages.0.")) for k in grads) and "stages.1.3.attn.rel_pos_t" in grads
+
+
 def test_mvit_long_clip_attends_in_bounded_calls(monkeypatch):
     """A clip past one attention call's budget is split into groups of queries: same features."""
     from re2tal.backbones import mvit

@@ -162,7 +162,9 @@ class MultiscaleAttention(nn.Module):
         for start in range(0, n_q, per_call):
             sl = slice(start, start + per_call)
             bias = rel_t[:, :, sl, :, None, None] + rel_h[:, :, sl, None, :, None] + rel_w[:, :, sl, None, None, :]
-            mask = F.pad(bias.flatten(3), (1, 0))  # class token key: no bias
+            # class token key: no bias; rows padded to a multiple of 16 (then sliced), the alignment
+            # CUDA's memory-efficient kernel needs of a mask (else it pads a copy itself)
+            mask = F.pad(bias.flatten(3), (1, (-1 - n_k) % 16))[..., :1 + n_k]
             q_s = q[:, :, 1:][:, :, sl]
             outs.append(F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask.to(q.dtype)) + q_s)
         return torch.cat(outs, 2)
