@@ -16,7 +16,7 @@ from re2tal.backbones.mvit import MultiscaleBlock, relative_positions
 from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
 from re2tal.rev import ReluIn, RevStage
-from test_backbones import cfg, loss_grads, rel, saved_bytes, set_vanilla, tv_features
+from test_backbones import cfg, kept_by_depth, loss_grads, rel, set_vanilla, tv_features
 
 RESNETS = {"r2plus1d_18": r2plus1d_18, "r3d_18": r3d_18, "mc3_18": mc3_18}
 # a reduced MViTv2 (4 stages, every kind of block) for the Re² and memory tests
@@ -151,12 +151,7 @@ def test_re2_video_resnet_with_batch_statistics_gradients_equal_vanilla():
 
 
 def test_re2_video_resnet_keeps_no_block_activations_and_checkpointing_keeps_gradients():
-    x = torch.randn(1, 3, 8, 32, 32)
-    kept = {}
-    for reversible in (False, True):
-        for depth in (2, 5):
-            model = build_backbone(cfg(name="r2plus1d_18", reversible=reversible, depths=[2, 1, depth, 1])).train()
-            kept[reversible, depth] = saved_bytes(model, x)
+    kept = kept_by_depth(torch.randn(1, 3, 8, 32, 32), lambda depth: [2, 1, depth, 1], name="r2plus1d_18")
     assert kept[False, 5] > kept[False, 2] * 1.2
     assert kept[True, 5] == kept[True, 2] < kept[False, 2]
     torch.manual_seed(0)
@@ -271,12 +266,8 @@ def test_re2_mvit_rewires_shape_keeping_blocks_and_gradients_equal_vanilla():
 
 
 def test_re2_mvit_keeps_no_block_activations_and_checkpointing_keeps_gradients():
-    x = torch.randn(1, 3, 8, 64, 64)
-    kept = {}
-    for reversible in (False, True):
-        for depth in (2, 5):  # in stage 1, the most tokens
-            model = build_backbone(cfg(name="mvit_v2_s", reversible=reversible, depths=[depth, 1, 1, 1], **MVIT_SMALL)).train()
-            kept[reversible, depth] = saved_bytes(model, x)
+    # depth of stage 1, which has the most tokens
+    kept = kept_by_depth(torch.randn(1, 3, 8, 64, 64), lambda depth: [depth, 1, 1, 1], name="mvit_v2_s", **MVIT_SMALL)
     assert kept[False, 5] > kept[False, 2] * 1.2
     assert kept[True, 5] == kept[True, 2] < kept[False, 2]  # (the pooling blocks keep their inputs)
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MLP, StochasticDepth
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, init_linears
 
 Triple = tuple[int, int, int]
 
@@ -265,11 +265,7 @@ class MViT(Backbone):
         self.out_channels = dim_in
         self.temporal_stride = PATCH_STRIDE[0]
         self.spatial_stride = PATCH_STRIDE[1] * 2 ** (len(depths) - 1)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """torchvision's keys `blocks.{i}.*` under ours, `stages.{s}.{i}.*` (s: block i's stage);
