@@ -280,6 +280,19 @@ def test_re2_mvit_keeps_no_block_activations_and_checkpointing_keeps_gradients()
     assert rel(yc, ys) <= 1e-6 and rel(xc, xs) <= 1e-5 and max(rel(pc[k], ps[k]) for k in ps) <= 1e-5
 
 
+def test_mvit_position_tables_get_no_weight_decay():
+    from re2tal.config import OptimConfig
+    from re2tal.training.optim import param_groups
+
+    with torch.device("meta"):
+        model = build_backbone(cfg(name="mvit_v2_s", depths=[1, 1, 1, 1], **MVIT_SMALL))
+        groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, torch.nn.Linear(1, 1), OptimConfig())}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[i] for i in groups["backbone.no_decay"]}
+    assert {n for n in names.values() if ".rel_pos_" in n} <= no_decay and "pos_encoding.class_token" in no_decay
+    assert "stages.0.0.attn.qkv.weight" in {names[i] for i in groups["backbone.decay"]}
+
+
 def test_mvit_frozen_stages():
     model = build_backbone(cfg(name="mvit_v2_s", reversible=True, depths=[2, 2, 1, 1], frozen_stages=1, **MVIT_SMALL)).train()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
