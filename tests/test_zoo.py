@@ -16,7 +16,7 @@ from re2tal.backbones.mvit import MultiscaleBlock, relative_positions
 from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
 from re2tal.rev import ReluIn, RevStage
-from test_backbones import cfg, kept_by_depth, loss_grads, rel, set_vanilla, tv_features
+from test_backbones import cfg, kept_by_depth, loss_grads, rel, saved_bytes, set_vanilla, tv_features
 
 RESNETS = {"r2plus1d_18": r2plus1d_18, "r3d_18": r3d_18, "mc3_18": mc3_18}
 # a reduced MViTv2 (4 stages, every kind of block) for the Re² and memory tests
@@ -303,17 +303,20 @@ def test_mvit_frozen_stages():
 
 
 def test_mvit_long_clip_attends_in_bounded_calls(monkeypatch):
-    """A clip past one attention call's budget is split into groups of queries: same features."""
+    """A clip past one attention call's budget is split into groups of queries, each call
+    checkpointed: same features and gradients, and the calls' biases are not kept for backward."""
     from re2tal.backbones import mvit
 
     torch.manual_seed(0)
-    model = build_backbone(cfg(name="mvit_v2_s", depths=[1, 1, 1, 1], **MVIT_SMALL)).eval()
+    model = build_backbone(cfg(name="mvit_v2_s", depths=[1, 1, 1, 1], **MVIT_SMALL)).train()
     x = torch.randn(1, 3, 32, 32, 32)
-    with torch.no_grad():
-        whole = model(x)
-        monkeypatch.setattr(mvit, "ATTN_CALL_ELEMENTS", 1000)  # stage 1: 58 of its 1024 queries per call
-        split = model(x)
-    assert whole.shape == (1, 128, 16, 1, 1) and rel(split, whole) <= 1e-6
+    whole, kept_whole = loss_grads(model, x), saved_bytes(model, x.clone())
+    monkeypatch.setattr(mvit, "ATTN_CALL_ELEMENTS", 1000)  # stage 1: 58 of its 1024 queries per call
+    split, kept_split = loss_grads(model, x), saved_bytes(model, x.clone())
+    assert whole[0].shape == (1, 128, 16, 1, 1) and rel(split[0], whole[0]) <= 1e-6 and rel(split[1], whole[1]) <= 1e-5
+    scale = max(g.norm() for g in whole[2].values())  # floor: pool_k's LayerNorm bias has gradient 0 (softmax shift)
+    assert all((split[2][k] - g).norm() <= 1e-5 * g.norm() + 1e-6 * scale for k, g in whole[2].items())
+    assert kept_split < kept_whole
 
 
 def test_zoo_config_defaults_and_checks():

@@ -32,9 +32,10 @@ any grid; ours derive the grid from the input, so any T and H, W work.
 Attention is global within a block: a query attends every (pooled) key of the whole clip, so
 its cost grows with T^2 (at 224 px, stage 1 has T' * 3136 queries and T' * 49 keys per head).
 It runs through `F.scaled_dot_product_attention` with the decomposed relative position bias as
-its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (groups of queries), so
-the memory of one call is bounded at any T (the standard mode still keeps every call's inputs
-for backward: per-block checkpointing or Re² is what makes long clips fit); time is not bounded.
+its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (groups of queries), each
+checkpointed when there is more than one: the (N_q, N_k) bias never exists whole, in the forward
+or the backward. Kept per block are q, k, v and the three bias terms (B, heads, N_q, T' + H' + W'),
+of which the temporal one, N_q x T', still grows with T^2; time grows with T^2 too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import MLP, StochasticDepth
 
 from re2tal.backbones.base import Backbone, init_linears
@@ -149,25 +151,35 @@ class MultiscaleAttention(nn.Module):
     def _attend_patches(self, q: Tensor, k: Tensor, v: Tensor, q_thw: Triple, k_thw: Triple) -> Tensor:
         """softmax(q k^T / sqrt(d) + bias) v + q for the patch queries, (B, heads, N_q, d), in calls of
         at most ATTN_CALL_ELEMENTS bias elements. bias[(t, h, w), (t', h', w')] = q . (Rt[t, t'] +
-        Rh[h, h'] + Rw[w, w']), 0 for the class token key; the three terms are (B, heads, N_q, k_*)."""
+        Rh[h, h'] + Rw[w, w']), 0 for the class token key; the three terms are (B, heads, N_q, k_*).
+        With more than one call and grads on, each call is checkpointed: its bias is rebuilt in
+        backward instead of kept (kept, every call's would add up to the whole (N_q, N_k) bias)."""
         b, heads, _, d = q.shape
         (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
         r_q = q[:, :, 1:].reshape(b, heads, qt, qh, qw, d)
         terms = [torch.einsum(f"bnthwc,{axis}kc->bnthwk", r_q, relative_positions(table, nq, nk)).flatten(2, 4)
                  for axis, table, nq, nk in (("t", self.rel_pos_t, qt, kt), ("h", self.rel_pos_h, qh, kh), ("w", self.rel_pos_w, qw, kw))]
-        rel_t, rel_h, rel_w = terms
-        n_q, n_k = qt * qh * qw, kt * kh * kw
-        per_call = max(1, ATTN_CALL_ELEMENTS // (b * heads * (1 + n_k)))
+        n_q = qt * qh * qw
+        per_call = max(1, ATTN_CALL_ELEMENTS // (b * heads * (1 + kt * kh * kw)))
+        checkpoint_calls = per_call < n_q and torch.is_grad_enabled()
         outs = []
         for start in range(0, n_q, per_call):
             sl = slice(start, start + per_call)
-            bias = rel_t[:, :, sl, :, None, None] + rel_h[:, :, sl, None, :, None] + rel_w[:, :, sl, None, None, :]
-            # class token key: no bias; rows padded to a multiple of 16 (then sliced), the alignment
-            # CUDA's memory-efficient kernel needs of a mask (else it pads a copy itself)
-            mask = F.pad(bias.flatten(3), (1, (-1 - n_k) % 16))[..., :1 + n_k]
-            q_s = q[:, :, 1:][:, :, sl]
-            outs.append(F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask.to(q.dtype)) + q_s)
+            args = (q[:, :, 1:][:, :, sl], k, v, *(term[:, :, sl] for term in terms))
+            outs.append(checkpoint(attend_call, *args, use_reentrant=False) if checkpoint_calls else attend_call(*args))
         return torch.cat(outs, 2)
+
+
+def attend_call(q: Tensor, k: Tensor, v: Tensor, rel_t: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v + q for queries q (B, heads, n, d) against all keys
+    (B, heads, 1 + N_k, d), bias[i, (t', h', w')] = rel_t[i, t'] + rel_h[i, h'] + rel_w[i, w'] and 0
+    for the class token key."""
+    n_k = rel_t.shape[-1] * rel_h.shape[-1] * rel_w.shape[-1]
+    bias = rel_t[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+    # mask rows padded to a multiple of 16 (then sliced): the alignment CUDA's memory-efficient
+    # kernel needs of a mask (else it pads a copy itself)
+    mask = F.pad(bias.flatten(3), (1, (-1 - n_k) % 16))[..., :1 + n_k]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)) + q
 
 
 class MultiscaleBlock(nn.Module):
