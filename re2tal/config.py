@@ -193,45 +193,57 @@ class AugmentConfig(Section):
 # model
 
 
-BackboneName = Literal["swin_t", "pst_t", "slowfast_r50", "slowfast_r101", "tada2d_r50"]
-SWIN_FAMILY = ("swin_t", "pst_t")
+BackboneName = Literal["swin_t", "swin_s", "swin_b", "pst_t", "slowfast_r50", "slowfast_r101", "tada2d_r50",
+                       "r2plus1d_18", "r3d_18", "mc3_18", "mvit_v2_s"]
+SWIN_FAMILY = ("swin_t", "swin_s", "swin_b", "pst_t")
+VIDEO_RESNETS = ("r2plus1d_18", "r3d_18", "mc3_18")
+# backbones whose sizes are depths / embed_dim / num_heads (transformers)
+TRANSFORMERS = (*SWIN_FAMILY, "mvit_v2_s")
 # blocks per stage of each backbone, when the config gives none
-DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "pst_t": [2, 2, 6, 2], "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3],
-                  "tada2d_r50": [3, 4, 6, 3]}
+DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "swin_s": [2, 2, 18, 2], "swin_b": [2, 2, 18, 2], "pst_t": [2, 2, 6, 2],
+                  "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3], "tada2d_r50": [3, 4, 6, 3],
+                  "r2plus1d_18": [2, 2, 2, 2], "r3d_18": [2, 2, 2, 2], "mc3_18": [2, 2, 2, 2], "mvit_v2_s": [1, 2, 11, 2]}
 # attention window of each Swin, when the config gives none (pst_t: 2-D windows of each frame)
-DEFAULT_WINDOW = {"swin_t": (8, 7, 7), "pst_t": (1, 7, 7)}
+DEFAULT_WINDOW = {"swin_t": (8, 7, 7), "swin_s": (8, 7, 7), "swin_b": (8, 7, 7), "pst_t": (1, 7, 7)}
+# other sizes and settings of the published models (torchvision's swin3d_b, mvit_v2_s, video
+# resnets' weights), when the config gives none; the others take the fields' defaults
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "swin_b": {"embed_dim": 128, "num_heads": [4, 8, 16, 32]},
+    "mvit_v2_s": {"num_heads": [1, 2, 4, 8], "drop_path": 0.2, "pixel_mean": (0.45, 0.45, 0.45), "pixel_std": (0.225, 0.225, 0.225)},
+    **{name: {"pixel_mean": (0.43216, 0.394666, 0.37645), "pixel_std": (0.22803, 0.22145, 0.216989)} for name in VIDEO_RESNETS},
+}
 
 
 class PatchShiftConfig(Section):
-    """Temporal patch shift (TPS): pst_t's pattern, or TPS added to swin_t's 3-D windows (ours, not PST)."""
+    """Temporal patch shift (TPS): pst_t's pattern, or TPS added to swin_t / swin_s / swin_b's 3-D windows (ours, not PST)."""
 
     pattern: Literal["A", "B", "C", "D"] = Field("C", description="Shift pattern of the TPS paper: A, B (2x2 tiles over 3 / 4 frames), C (3x3 over 9 frames; the authors' code and weights), D (4x4 over 16 frames).")
-    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; `all`: swin_t only (pst_t's even blocks channel-shift, as its authors').")
+    blocks: Literal["alternate", "all"] = Field("alternate", description="Which blocks shift: `alternate` = the odd blocks of each stage (those with shifted windows), as the paper; `all`: swin_t / swin_s / swin_b only (pst_t's even blocks channel-shift, as its authors').")
     boundary: Literal["cyclic", "zero"] = Field("cyclic", description="Clip ends: `cyclic` rolls patches around (the authors' code, so PST weights behave as trained); `zero` lets patches shifted past an end read zeros (no mixing of a clip's first and last frames).")
 
 
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101), tada2d_r50 (TAda2D ResNet-50, TAdaConv in every bottleneck, temporal stride 1); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast / Re²TAda2D.")
+    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101), tada2d_r50 (TAda2D ResNet-50, TAdaConv in every bottleneck, temporal stride 1); swin_s / swin_b (Video Swin-S / B, torchvision's swin3d_s / swin3d_b sizes; patch_shift as on swin_t), r2plus1d_18 / r3d_18 / mc3_18 (torchvision's video ResNet-18s), mvit_v2_s (MViTv2-S, torchvision's mvit_v2_s; features from the last stage's tokens); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast / Re²TAda2D and the Re² versions of the others.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation); for swin_t and slowfast_* also an mmaction Recognizer3D checkpoint (`state_dict` with `backbone.*`; `cls_head.*` dropped): mmaction's Video Swin-T / SlowFast Kinetics files, or the Re²TAL authors' Re²Swin-T / Re²SlowFast-101 (`SwinTransformer3D_inv` / `ResNet3dSlowFast_inv`, which need reversible=true); for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation). None: random init.")
-    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="swin_t / pst_t: stochastic depth rate (linearly increasing over blocks).")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation); for swin_t and slowfast_* also an mmaction Recognizer3D checkpoint (`state_dict` with `backbone.*`; `cls_head.*` dropped): mmaction's Video Swin-T / SlowFast Kinetics files, or the Re²TAL authors' Re²Swin-T / Re²SlowFast-101 (`SwinTransformer3D_inv` / `ResNet3dSlowFast_inv`, which need reversible=true); for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation); for swin_s / swin_b, r2plus1d_18 / r3d_18 / mc3_18 and mvit_v2_s torchvision's state dict of the same name (swin3d_s / swin3d_b, ...; classifier dropped). None: random init.")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Transformers (swin_*, pst_t, mvit_v2_s): stochastic depth rate (linearly increasing over blocks). Default 0.1, mvit_v2_s 0.2 (torchvision's).")
     frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
-    norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on swin_t / pst_t: LayerNorm acts the same in train and eval.")
-    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage. Default: the backbone's (swin_t / pst_t 2-2-6-2, slowfast_r50 3-4-6-3, slowfast_r101 3-4-23-3).")
-    embed_dim: PositiveInt = Field(96, description="swin_t / pst_t: channels of the first stage (Swin-T: 96).")
-    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_t / pst_t: attention heads per stage.")
-    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_t / pst_t: patch embedding size (T, H, W).")
-    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_t / pst_t: attention window (T, H, W). Default: the backbone's (swin_t 8-7-7; pst_t 1-7-7, T must be 1).")
+    norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on the transformers (swin_*, pst_t, mvit_v2_s): LayerNorm acts the same in train and eval.")
+    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage. Default: the backbone's (swin_t / pst_t 2-2-6-2, swin_s / swin_b 2-2-18-2, slowfast_r50 3-4-6-3, slowfast_r101 3-4-23-3, video ResNet-18s 2-2-2-2, mvit_v2_s 1-2-11-2: each stage after the first starts with its query-pooling block).")
+    embed_dim: PositiveInt = Field(96, description="swin_* / pst_t / mvit_v2_s: channels of the first stage (Swin-T / S, MViTv2-S: 96; swin_b: 128, its default).")
+    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_* / pst_t / mvit_v2_s: attention heads per stage. Default 3-6-12-24; swin_b 4-8-16-32, mvit_v2_s 1-2-4-8.")
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_* / pst_t: patch embedding size (T, H, W).")
+    window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_* / pst_t: attention window (T, H, W). Default: the backbone's (swin_* 8-7-7; pst_t 1-7-7, T must be 1).")
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
     fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: that of the `pretrained` file's fusion convs, without one pytorchvideo's (r50: 7, r101: 5; mmaction's R101 file and the Re²TAL authors' Re²SlowFast-101 have 7).")
     tadaconv: bool = Field(False, description="slowfast_*: make every bottleneck's spatial conv_b (both pathways) a TAdaConv with its route function (SlowFast + TAdaConv); equals plain SlowFast at initialisation. tada2d_r50 has TAdaConv built in.")
-    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; swin3d_t weights). None on swin_t: plain Video Swin.")
-    pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input, 0-1 scale (RGB / 255). The default is torchvision's and mmaction's ([123.675, 116.28, 103.53] / 255: their Swin / SlowFast and the Re²TAL authors' files); pytorchvideo's SlowFast: [0.45, 0.45, 0.45].")
-    pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input, 0-1 scale. The default is torchvision's and mmaction's ([58.395, 57.12, 57.375] / 255); pytorchvideo's SlowFast: [0.225, 0.225, 0.225].")
+    patch_shift: PatchShiftConfig | None = Field(None, description="Temporal patch shift: for pst_t its settings (default: pattern C, alternate, cyclic); on swin_t / swin_s / swin_b it adds TPS to Video Swin's 3-D windows with zero new parameters (ours, not PST; torchvision's swin3d_* weights). None on swin_*: plain Video Swin.")
+    pixel_mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean of the pretrained model's input, 0-1 scale (RGB / 255). The default is torchvision's and mmaction's ([123.675, 116.28, 103.53] / 255: their Swin / SlowFast and the Re²TAL authors' files); pytorchvideo's SlowFast: [0.45, 0.45, 0.45]. Defaults of the torchvision weights: video ResNet-18s [0.43216, 0.394666, 0.37645], mvit_v2_s [0.45, 0.45, 0.45].")
+    pixel_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std of the pretrained model's input, 0-1 scale. The default is torchvision's and mmaction's ([58.395, 57.12, 57.375] / 255); pytorchvideo's SlowFast: [0.225, 0.225, 0.225]. Defaults of the torchvision weights: video ResNet-18s [0.22803, 0.22145, 0.216989], mvit_v2_s [0.225, 0.225, 0.225].")
 
     _urls = field_validator("pretrained")(check_url)
 
@@ -246,13 +258,16 @@ class BackboneConfig(Section):
             data = {**data, "depths": DEFAULT_DEPTHS[data["name"]]}
         if data.get("window_size") is None and data.get("name") in DEFAULT_WINDOW:
             data = {**data, "window_size": DEFAULT_WINDOW[data["name"]]}
+        for key, value in FAMILY_DEFAULTS.get(data.get("name"), {}).items():
+            if data.get(key) is None:
+                data = {**data, key: value}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "BackboneConfig":
         if self.reversible and self.activation_checkpointing:
             raise ValueError("activation_checkpointing: cannot be combined with reversible=true (reversible stages already recompute activations)")
-        if self.name in SWIN_FAMILY:
+        if self.name in TRANSFORMERS:
             if len(self.depths) != len(self.num_heads):
                 raise ValueError(f"num_heads: has {len(self.num_heads)} entries but depths has {len(self.depths)}")
             for i, heads in enumerate(self.num_heads):
@@ -268,7 +283,7 @@ class BackboneConfig(Section):
         if self.frozen_stages > len(self.depths):
             raise ValueError(f"frozen_stages: {self.frozen_stages} exceeds the {len(self.depths)} stages")
         if self.patch_shift is not None and self.name not in SWIN_FAMILY:
-            raise ValueError(f"patch_shift: only swin_t / pst_t shift patches, not {self.name}")
+            raise ValueError(f"patch_shift: only swin_t / swin_s / swin_b / pst_t shift patches, not {self.name}")
         if self.name == "pst_t":
             if self.window_size[0] != 1:
                 raise ValueError(f"window_size: pst_t attends in 2-D windows of each frame, so the temporal size must be 1 (e.g. [1, 7, 7]), got {list(self.window_size)}")
@@ -281,15 +296,20 @@ class BackboneConfig(Section):
     @property
     def temporal_stride(self) -> int:
         """Input frames per output feature step."""
-        if self.name == "tada2d_r50":
+        if self.name in ("tada2d_r50", "mc3_18"):
             return 1
+        if self.name in ("r2plus1d_18", "r3d_18"):  # layer2-4 stride 2 in time too
+            return 2 ** (len(self.depths) - 1)
+        if self.name == "mvit_v2_s":  # its patch embedding
+            return 2
         return self.patch_size[0] if self.name in SWIN_FAMILY else self.alpha
 
     @property
     def spatial_stride(self) -> int:
         """Input pixels per output feature cell (patch size or stride 4 after the stem (+ max pool or
-        TAda2D's strided res2), x 2 per later stage)."""
-        return (self.patch_size[1] if self.name in SWIN_FAMILY else 4) * 2 ** (len(self.depths) - 1)
+        TAda2D's strided res2; the video resnets' stem: 2), x 2 per later stage)."""
+        first = self.patch_size[1] if self.name in SWIN_FAMILY else 2 if self.name in VIDEO_RESNETS else 4
+        return first * 2 ** (len(self.depths) - 1)
 
     @property
     def resolved_fusion_kernel(self) -> int:

@@ -306,6 +306,13 @@ def saved_bytes(model, x) -> int:
     return sum(seen.values())
 
 
+def kept_by_depth(x, depths_of, **kw) -> dict[tuple[bool, int], int]:
+    """{(reversible, depth): saved_bytes} of the backbone cfg(**kw, depths=depths_of(depth)) in
+    training mode, standard and Re², for depth 2 and 5."""
+    return {(reversible, depth): saved_bytes(build_backbone(cfg(reversible=reversible, depths=depths_of(depth), **kw)).train(), x.clone())
+            for reversible in (False, True) for depth in (2, 5)}
+
+
 def test_reversible_keeps_no_block_activations():
     """Standard Swin keeps activations growing with depth; Re² keeps the same whatever the
     number of blocks (stage outputs, patch embedding and merges only)."""
@@ -449,12 +456,7 @@ def test_re2_slowfast_is_relu_in_rewired_and_gradients_equal_vanilla_autograd():
 
 
 def test_re2_slowfast_keeps_no_block_activations_and_checkpointing_keeps_gradients_and_statistics():
-    x = torch.randn(1, 3, 16, 64, 64)
-    kept = {}
-    for reversible in (False, True):
-        for depth in (2, 5):
-            model = build_backbone(cfg(name="slowfast_r50", reversible=reversible, depths=[1, 2, depth, 1])).train()
-            kept[reversible, depth] = saved_bytes(model, x)
+    kept = kept_by_depth(torch.randn(1, 3, 16, 64, 64), lambda depth: [1, 2, depth, 1], name="slowfast_r50")
     assert kept[False, 5] > kept[False, 2] * 1.2
     assert kept[True, 5] == kept[True, 2] < kept[False, 2]
     torch.manual_seed(0)

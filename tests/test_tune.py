@@ -184,7 +184,7 @@ def test_search_spaces_reach_tune_as_grids_choices_and_optuna_suggestions():
     optuna.with_overrides(trial_overrides(suggested[0], optuna.tune))  # a valid trial config
 
 
-@pytest.mark.parametrize("name", ["augment_ablation", "backbones", "anet_augment_ablation", "augment"])
+@pytest.mark.parametrize("name", ["augment_ablation", "backbones", "anet_augment_ablation", "augment", "zoo"])
 def test_every_trial_of_the_shipped_sweeps_is_a_valid_training_config(name):
     import itertools
 
@@ -196,8 +196,9 @@ def test_every_trial_of_the_shipped_sweeps_is_a_valid_training_config(name):
     trials = [dict(zip(grids, values)) | ({CASE: i} if cfg.tune.cases else {})
               for values in itertools.product(*grids.values()) for i in range(len(cfg.tune.cases) or 1)]
     names = {cfg.with_overrides(trial_config_overrides(t, cfg, f"t{n}")).backbone.name for n, t in enumerate(trials)}
-    assert len(trials) == {"augment_ablation": 6, "backbones": 8, "anet_augment_ablation": 6, "augment": 32}[name]
-    assert names == ({"swin_t", "pst_t", "slowfast_r50", "tada2d_r50"} if name == "backbones" else {"swin_t"})
+    assert len(trials) == {"augment_ablation": 6, "backbones": 8, "anet_augment_ablation": 6, "augment": 32, "zoo": 12}[name]
+    assert names == {"backbones": {"swin_t", "pst_t", "slowfast_r50", "tada2d_r50"},
+                     "zoo": {"swin_s", "swin_b", "mvit_v2_s", "r2plus1d_18", "r3d_18", "mc3_18"}}.get(name, {"swin_t"})
 
 
 def test_trial_status_names_out_of_memory_wherever_it_comes_from():

@@ -1,6 +1,7 @@
-"""Video backbones: Video Swin-T (optionally with TPS in its 3-D windows, ours), PST-T as its
-authors built it, SlowFast-R50 / R101 (with or without TAdaConv) and TAda2D-R50, standard or Re²
-reversible. `build_backbone(cfg.backbone)` is the entry point."""
+"""Video backbones: Video Swin-T / S / B (optionally with TPS in their 3-D windows, ours), PST-T
+as its authors built it, SlowFast-R50 / R101 (with or without TAdaConv), TAda2D-R50, torchvision's
+video ResNet-18s (R(2+1)D, R3D, MC3) and MViTv2-S, standard or Re² reversible.
+`build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
     apply_activation_checkpointing,
@@ -11,16 +12,19 @@ from re2tal.backbones.build import (
     load_pretrained,
 )
 from re2tal.backbones.base import Backbone
+from re2tal.backbones.mvit import MViT
 from re2tal.backbones.patch_shift import PATTERNS, TemporalPatchShift
 from re2tal.backbones.pst import PatchShiftTransformer, PSTBlock
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
 from re2tal.backbones.tada import RouteFunc, TAda2D, TAdaConv2d
+from re2tal.backbones.video_resnet import VideoResNet
 
 __all__ = [
     "PATTERNS",
     "RouteFunc",
     "Backbone",
+    "MViT",
     "PSTBlock",
     "PatchShiftTransformer",
     "SlowFast",
@@ -29,6 +33,7 @@ __all__ = [
     "TAda2D",
     "TAdaConv2d",
     "TemporalPatchShift",
+    "VideoResNet",
     "apply_activation_checkpointing",
     "apply_frozen_stages",
     "apply_norm_eval",

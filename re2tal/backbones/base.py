@@ -14,6 +14,16 @@ def mmaction_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("cls_head.", "data_preprocessor."))}
 
 
+def init_linears(model: nn.Module, std: float = 0.02) -> None:
+    """Every nn.Linear of `model`: truncated-normal weights (std), zero bias, as the transformers'
+    reference code (Swin, PST, MViT) initialises them."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Backbone(nn.Module, metaclass=ABCMeta):
     """A video backbone (B, 3, T, H, W) -> (B, out_channels, T / temporal_stride, H / spatial_stride,
     W / spatial_stride), with the hooks build_backbone uses to load weights and change how it runs.

@@ -18,12 +18,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from re2tal.backbones.base import Backbone
 from re2tal.backbones.layouts import to_model_layout
+from re2tal.backbones.mvit import MViT
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.pst import PatchShiftTransformer
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinTransformer3d
 from re2tal.backbones.tada import TAda2D
+from re2tal.backbones.video_resnet import VideoResNet
 from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig
 from re2tal.data.storage import filesystem
 from re2tal.errors import BadInput
@@ -44,7 +46,7 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
     # seconds and every tensor is replaced by the file's anyway.
     with torch.device("meta") if state is not None else contextlib.nullcontext():
         match cfg.name:
-            case "swin_t":
+            case "swin_t" | "swin_s" | "swin_b":
                 model = swin(cfg, patch_shift=cfg.patch_shift)
             case "pst_t":
                 ps = cfg.patch_shift or PatchShiftConfig()
@@ -60,6 +62,10 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                 model = SlowFast(depths=cfg.depths, alpha=cfg.alpha, tadaconv=cfg.tadaconv, **opts)
             case "tada2d_r50":
                 model = TAda2D(depths=cfg.depths)
+            case "r2plus1d_18" | "r3d_18" | "mc3_18":
+                model = VideoResNet(cfg.name, depths=cfg.depths)
+            case "mvit_v2_s":
+                model = MViT(embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
             case _:
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
     if state is not None:

@@ -45,7 +45,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.video.swin_transformer import PatchEmbed3d
 from torchvision.ops import StochasticDepth
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, init_linears
 from re2tal.backbones.patch_shift import PATTERNS, Boundary, max_offset, offset_map, patch_shift, shift_index
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import effective_window, region_mask
@@ -284,11 +284,7 @@ class PatchShiftTransformer(Backbone):
         self.norm = norm(self.out_channels)
         self.temporal_stride = patch_size[0]
         self.spatial_stride = patch_size[1] * 2 ** (len(depths) - 1)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The authors' mmaction checkpoint (Recognizer3D `state_dict`) under our keys; the one place

@@ -36,7 +36,7 @@ from torchvision.models.swin_transformer import PatchMerging
 from torchvision.models.video.swin_transformer import PatchEmbed3d
 from torchvision.ops import MLP, StochasticDepth
 
-from re2tal.backbones.base import Backbone, mmaction_backbone
+from re2tal.backbones.base import Backbone, init_linears, mmaction_backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
 
@@ -260,11 +260,7 @@ class SwinTransformer3d(Backbone):
         self.temporal_stride = patch_size[0]
         self.spatial_stride = patch_size[1] * 2 ** (len(depths) - 1)
         self.num_stages = len(depths)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def checkpoint_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """A torchvision swin3d_t state dict loads as it is (head dropped). An mmaction Recognizer3D

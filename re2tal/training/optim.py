@@ -11,6 +11,11 @@ from torch import nn
 from re2tal.config import Config, OptimConfig
 
 
+# position-bias tables (Swin / PST's; MViTv2's decomposed relative ones, without weight decay in its
+# reference code as in torchvision's recipe)
+POSITION_TABLES = ("relative_position_bias_table", ".rel_pos_h", ".rel_pos_w", ".rel_pos_t")
+
+
 def param_groups(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Optimizer groups: backbone and head at their own learning rates, and within each, no weight
     decay for biases, norms and other 1-D parameters or position-bias tables. Frozen parameters
@@ -21,7 +26,7 @@ def param_groups(backbone: nn.Module, head: nn.Module, cfg: OptimConfig) -> list
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or name.endswith("relative_position_bias_table") else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.endswith(POSITION_TABLES) else decay).append(p)
         for params, wd, kind in ((decay, cfg.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{part}.{kind}"})
