@@ -47,8 +47,9 @@ def setup(cfg: Config) -> Worker:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     if not dist.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A fresh port every time: a port left in the environment by an earlier run of this
+        # process (inherited by its children too) may still be bound.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         # DeepSpeed keeps a module-wide clone of the world group, made on its first engine; Ray
         # Train's local mode destroys the group after each run, so a second run in this process
         # would broadcast over a dead group. A new group gets a new clone.
