@@ -23,7 +23,7 @@ HANDLERS: dict[str, str | None] = {
     "tune": "re2tal.training.cli:tune_command",
     "eval": "re2tal.training.cli:eval_command",
     "predict": "re2tal.training.cli:predict_command",
-    "plan": "re2tal.training.plan:plan_command",
+    "plan": "re2tal.planning.plan:plan_command",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",

@@ -1,4 +1,4 @@
-"""`re2tal plan` (re2tal.training.plan, re2tal.training.memory): its meta-device counts against
+"""`re2tal plan` (re2tal.planning.plan, re2tal.planning.memory): its meta-device counts against
 real CPU runs of the same step, its ZeRO layout against real 2-worker DeepSpeed engines, the
 command on a paper config, and `re2tal bench gpu` without a GPU."""
 
@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 
 from re2tal.bench.model import Runner, SavedTensors, build_model
 from re2tal.config import load_config
-from re2tal.training.plan import Planner, measure_step, optimizer_groups
-from re2tal.training.zero_layout import zero_memory
+from re2tal.planning.plan import Planner, measure_step, optimizer_groups
+from re2tal.planning.zero_layout import zero_memory
+from re2tal.training.model import build_model as build_localizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -92,7 +93,6 @@ def zero_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from re2tal.training.model import build_model as build_localizer
     from re2tal.training.optim import deepspeed_config, param_groups
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -142,8 +142,6 @@ def test_zero_layout_equals_deepspeed_partitioning_on_two_workers(tmp_path):
     mp.spawn(zero_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     cfg = load_config(DEBUG)
     with torch.device("meta"):
-        from re2tal.training.model import build_model as build_localizer
-
         groups, other, _ = optimizer_groups(build_localizer(cfg), cfg)
     assert len(groups) == 4 and other == 0  # backbone / head x decay / no decay, nothing frozen
     wrong = []
@@ -159,7 +157,7 @@ def test_zero_layout_equals_deepspeed_partitioning_on_two_workers(tmp_path):
 def test_zero_defaults_are_deepspeeds():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from re2tal.training.zero_layout import ZERO_DEFAULTS
+    from re2tal.planning.zero_layout import ZERO_DEFAULTS
 
     ds = DeepSpeedZeroConfig()
     assert {k: getattr(ds, k) for k in ZERO_DEFAULTS if k != "overlap_comm_stage3"} == \
@@ -173,7 +171,7 @@ def test_zero_defaults_are_deepspeeds():
 
 def test_largest_num_frames_fits_and_one_stride_more_does_not():
     cfg = load_config(DEBUG)
-    planner = Planner(cfg)
+    planner = Planner(cfg, build_localizer)
     limit = int(planner.plan("reversible", 64).peak * 1.5)
     best = planner.largest_frames("reversible", limit)
     stride = cfg.backbone.temporal_stride
@@ -198,9 +196,9 @@ def test_plan_command_on_a_paper_config_reports_reversible_below_standard(tmp_pa
 
 
 def test_train_announces_the_prediction_before_launch(capsys):
-    from re2tal.training.plan import announce_prediction
+    from re2tal.planning.plan import announce_prediction
 
-    gb = announce_prediction(load_config(DEBUG))
+    gb = announce_prediction(load_config(DEBUG), build_localizer)
     out = capsys.readouterr().out
     assert 0 < gb < 2 and f"predicted peak memory per worker: {gb:.2f} GB" in out
 

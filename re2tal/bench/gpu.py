@@ -199,7 +199,7 @@ def measure_cuda_step(backbone: str, mode: str, frames: int, device: torch.devic
 
 
 def predict_step(backbone: str, mode: str, frames: int) -> dict[str, float]:
-    from re2tal.training.plan import measure_step
+    from re2tal.planning.plan import measure_step
 
     with torch.device("meta"):
         model = _backbone(backbone, mode)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from re2tal.errors import BadInput
 from re2tal.rev import RevStage
-from re2tal.training.memory import SavedTensors  # noqa: F401  (the counter this bench reports; tests import it here)
+from re2tal.planning.memory import SavedTensors  # noqa: F401  (the counter this bench reports; tests import it here)
 
 MODES = ("standard", "checkpoint", "reversible", "reversible_lowp")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -332,7 +332,7 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
 def predict_memory(spec: dict[str, Any]) -> dict[str, int]:
     """`re2tal plan`'s count of this mode's step: the same backbone on the meta device."""
     from re2tal.backbones import build_backbone
-    from re2tal.training.plan import measure_step
+    from re2tal.planning.plan import measure_step
 
     with torch.device("meta"):
         model = build_backbone(_backbone_config(spec["backbone"], spec["mode"])).train()

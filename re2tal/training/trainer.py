@@ -163,9 +163,11 @@ def task_parts(task: str) -> tuple[Callable[[Config], Any], Callable[[dict], Non
     match task:
         case "localization":
             from re2tal.training.loop import train_loop_per_worker
-            from re2tal.training.plan import announce_prediction
+            from re2tal.planning.plan import announce_prediction
 
-            return prepare, train_loop_per_worker, announce_prediction
+            from re2tal.training.model import build_model
+
+            return prepare, train_loop_per_worker, partial(announce_prediction, build_model=build_model)
         case "finetune":
             from re2tal.training.finetune import finetune_loop_per_worker
 

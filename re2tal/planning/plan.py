@@ -5,7 +5,7 @@ backbone -> detector -> loss -> backward -> optimizer step, in a DeepSpeed engin
 config's ZeRO stage and worker count. Two parts:
 
 - Activations and the backward's transient peak are *measured*, not estimated: the real model
-  code runs forward and backward on the meta device (shapes, no data; `re2tal.training.memory`)
+  code runs forward and backward on the meta device (shapes, no data; `re2tal.planning.memory`)
   with the clip size, batch, precision and backbone mode of the config, attention running the
   kernels of the target device (CUDA when `train.use_gpu`, else CPU). The tracker's high-water
   mark of live tensors includes what recomputation (per-block checkpointing, reversible stages)
@@ -13,7 +13,7 @@ config's ZeRO stage and worker count. Two parts:
   own tensors are (B, ~2 seq_len, classes) floats); parameter gradients are released as soon as
   they are accumulated, DeepSpeed copying them into its buffers, which are counted below.
 - Parameters, gradients and optimizer states are computed the way DeepSpeed 0.19 lays them out
-  (`re2tal.training.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers
+  (`re2tal.planning.zero_layout`): ZeRO-1/2 flat parameter groups padded to 2 x workers
   elements, this worker's partition of fp32 master weights and Adam moments; ZeRO-2's partition
   of gradients plus the reduction bucket (`reduce_bucket_size` elements); ZeRO-3's parameter partitions plus gathered
   parameters (with DeepSpeed's default `stage3_max_reuse_distance` a model under 1e9 parameters
@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from torch import nn
 from re2tal.config import Config
 from re2tal.errors import BadInput
 from re2tal.training.optim import param_groups
-from re2tal.training.zero_layout import DTYPES, zero_memory
+from re2tal.planning.zero_layout import DTYPES, zero_memory
 
 MODES = ("standard", "checkpoint", "reversible")
 GB = 2**30
@@ -102,10 +102,8 @@ class Planner:
     """Memory of the config's training step in each backbone mode and at any num_frames, one
     meta-device model per mode, evaluations cached."""
 
-    def __init__(self, cfg: Config):
-        from re2tal.training.model import build_model
-
-        self.cfg = cfg
+    def __init__(self, cfg: Config, build_model: Callable[[Config], nn.Module]):
+        self.cfg, self.build_model = cfg, build_model
         self.device_type = "cuda" if cfg.train.use_gpu else "cpu"
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.world = max(1, cfg.train.num_workers)
@@ -122,10 +120,8 @@ class Planner:
 
     def model(self, mode: str) -> nn.Module:
         if mode not in self.models:
-            from re2tal.training.model import build_model
-
             with torch.device("meta"):
-                model = build_model(with_mode(self.cfg, mode))
+                model = self.build_model(with_mode(self.cfg, mode))
             self.models[mode] = model.to(self.dtype).train()
         return self.models[mode]
 
@@ -229,7 +225,7 @@ def measure_step(model: nn.Module, clip_shape: Sequence[int], dtype: torch.dtype
     """Forward and backward of a Localizer on the meta device (see the module docstring), or of a
     backbone alone (a model without `.detector`: the output's sum is the loss). keep_grads:
     parameter gradients stay in `.grad` as in plain autograd; else they are freed once accumulated."""
-    from re2tal.training.memory import LiveBytes, SavedTensors, TargetAttention, run_backward
+    from re2tal.planning.memory import LiveBytes, SavedTensors, TargetAttention, run_backward
 
     device = next(model.parameters()).device
     frames = torch.empty(tuple(clip_shape), device=device, dtype=dtype)
@@ -291,11 +287,12 @@ class Plan:
         return {"config": self.config, "gpu_memory_gb": self.gpu_memory_gb, "modes": modes, "seconds": self.seconds}
 
 
-def make_plan(cfg: Config, gpu_memory_gb: float, modes: Sequence[str] = MODES, search: bool = True) -> Plan:
+def make_plan(cfg: Config, build_model: Callable[[Config], nn.Module], gpu_memory_gb: float, modes: Sequence[str] = MODES,
+              search: bool = True) -> Plan:
     """The step's memory in each mode at the config's num_frames, and (search) the largest
     num_frames that fits gpu_memory_gb."""
     started = time.perf_counter()
-    planner = Planner(cfg)
+    planner = Planner(cfg, build_model)
     out = {}
     for mode in modes:
         p = planner.plan(mode, cfg.data.num_frames)
@@ -309,17 +306,17 @@ def make_plan(cfg: Config, gpu_memory_gb: float, modes: Sequence[str] = MODES, s
     return Plan(config=config, modes=out, gpu_memory_gb=gpu_memory_gb, seconds=time.perf_counter() - started)
 
 
-def predicted_peak_gb(cfg: Config) -> float:
+def predicted_peak_gb(cfg: Config, build_model: Callable[[Config], nn.Module]) -> float:
     """The predicted per-worker peak (GB) of the config as configured (no search)."""
-    planner = Planner(cfg)
+    planner = Planner(cfg, build_model)
     return planner.plan(mode_of(cfg), cfg.data.num_frames).peak / GB
 
 
-def announce_prediction(cfg: Config) -> float | None:
+def announce_prediction(cfg: Config, build_model: Callable[[Config], nn.Module]) -> float | None:
     """Print the predicted per-worker peak (GB) before workers launch and return it; None, with a
     one-line warning, when the plan cannot be made (training goes on)."""
     try:
-        gb = predicted_peak_gb(cfg)
+        gb = predicted_peak_gb(cfg, build_model)
     except Exception as err:  # a planning problem must not stop a training run; it is reported
         print(f"re2tal plan: could not predict the peak memory ({type(err).__name__}: {str(err).splitlines()[0][:200]})", file=sys.stderr)
         return None
@@ -357,7 +354,9 @@ def format_plan(plan: Plan) -> str:
 def plan_command(args: argparse.Namespace) -> int:
     if args.gpu_memory_gb <= 0:
         raise BadInput(f"--gpu-memory-gb: must be positive, got {args.gpu_memory_gb}")
-    plan = make_plan(args.cfg, args.gpu_memory_gb)
+    from re2tal.training.model import build_model
+
+    plan = make_plan(args.cfg, build_model, args.gpu_memory_gb)
     print(format_plan(plan))
     if args.json:
         out = Path(args.json)
@@ -366,7 +365,9 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m re2tal.training.plan CONFIG: quick look
+if __name__ == "__main__":  # python -m re2tal.planning.plan CONFIG: quick look
     from re2tal.config import load_config
 
-    print(format_plan(make_plan(load_config(sys.argv[1], sys.argv[2:]), 80.0)))
+    from re2tal.training.model import build_model
+
+    print(format_plan(make_plan(load_config(sys.argv[1], sys.argv[2:]), build_model, 80.0)))
