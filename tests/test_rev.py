@@ -10,7 +10,8 @@ from torchvision.ops import StochasticDepth
 
 from re2tal.bench.model import SavedTensors, max_relative_error, recording_inputs
 from re2tal.bench.synthetic import build_synthetic_stage
-from re2tal.rev import ReluIn, RevStage, relu_in
+from re2tal.rev import Pieces, ReluIn, RevStage, relu_in
+from re2tal.rev.pieces import window_cuts
 
 WIDTH = 16
 
@@ -52,9 +53,42 @@ class OneBranchBlock(TwoBranchBlock):
         return x + self.mlp(x)
 
 
-def make_stage(functions: int, width: int = WIDTH, **kwargs) -> RevStage:
-    """A stage of `functions` residual functions (two per block, one block of one if odd)."""
-    blocks = [TwoBranchBlock(width) for _ in range(functions // 2)] + [OneBranchBlock(width) for _ in range(functions % 2)]
+def window_mean(x, start: int, window: int, shift: int):
+    """Mean of x over its group along dim 1, groups [0, shift), [shift, shift + window), ... of
+    the whole tensor, for x the piece starting at `start` (a group border)."""
+    t = torch.arange(start, start + x.shape[1])
+    ids = (t - shift) // window + (1 if shift else 0)
+    ids = ids - ids[0]
+    n = int(ids[-1]) + 1
+    sums = torch.zeros(x.shape[0], n, *x.shape[2:], dtype=x.dtype).index_add(1, ids, x)
+    counts = torch.bincount(ids, minlength=n).view(1, n, *[1] * (x.dim() - 2))
+    return (sums / counts)[:, ids]
+
+
+class PiecewiseBlock(TwoBranchBlock):
+    """Pieces along dim 1: a windowed branch (mean over shifted windows, at its position) and the
+    MLP branch (token-local). No dropout: element masks are not piece-invariant."""
+
+    def __init__(self, width: int = WIDTH, drop_path: float = 0.5, window: int = 4, shift: int = 2):
+        super().__init__(width, drop_path)
+        self.drop, self.window, self.shift = nn.Identity(), window, shift
+
+    def windowed(self, x, start=0):
+        return self.drop_path(self.proj(window_mean(self.norm1(x), start, self.window, self.shift)))
+
+    def residual_fns(self):
+        return [self.windowed, self.mlp]
+
+    def residual_pieces(self):
+        return [Pieces(1, lambda size: window_cuts(size, self.window, self.shift), lambda x, start, size: self.windowed(x, start)),
+                Pieces(1)]
+
+
+def make_stage(functions: int, width: int = WIDTH, pieces: bool = False, **kwargs) -> RevStage:
+    """A stage of `functions` residual functions (two per block, one block of one if odd);
+    pieces: blocks declaring their functions local along dim 1 (PiecewiseBlock)."""
+    two = PiecewiseBlock if pieces else TwoBranchBlock
+    blocks = [two(width) for _ in range(functions // 2)] + [OneBranchBlock(width) for _ in range(functions % 2)]
     return RevStage(blocks, **kwargs)
 
 
@@ -221,6 +255,104 @@ def test_bf16_autocast_reversible_gradients_match_vanilla_with_fp32_streams():
         van = run(stage, x, dy, vanilla=True)
     assert torch.equal(rev[0], van[0])
     assert max_relative_error([rev[1], *rev[2]], [van[1], *van[2]]) <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces: functions local along a dimension run piece by piece
+
+
+def test_piece_spans_follow_the_cut_points_and_the_size():
+    p = Pieces(1, lambda size: window_cuts(size, 4, 2))
+    assert p.cuts(13) == [0, 2, 6, 10, 13]
+    per_index = 2 * 3 * 16
+    assert p.spans((2, 13, 3, 16), 5 * per_index) == [(0, 2), (2, 6), (6, 10), (10, 13)]
+    assert p.spans((2, 13, 3, 16), 9 * per_index) == [(0, 6), (6, 13)]
+    assert p.spans((2, 13, 3, 16), 1) == [(0, 2), (2, 6), (6, 10), (10, 13)]  # never below one group
+    assert p.spans((2, 13, 3, 16), 0) == [(0, 13)]
+    assert Pieces(0).spans((5, 7), 14) == [(0, 2), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("piece_size", [1, 5 * 2 * 3 * WIDTH, 9 * 2 * 3 * WIDTH])
+def test_piecewise_gradients_of_input_and_all_parameters_match_whole_vanilla(piece_size):
+    """Pieces of one group, of several groups and a ragged last one (13 = 2 + 4 + 4 + 3, shifted
+    windows of 4), with drop path drawing per sample: outputs, input and every parameter's
+    gradient equal plain autograd through whole functions."""
+    torch.manual_seed(0)
+    stage = make_stage(6, pieces=True, piece_size=piece_size).train()
+    x, dy = inputs(shape=(2, 13, 3, WIDTH))
+    y_rev, gx_rev, gp_rev = run(stage, x, dy, vanilla=False)
+    y_van, gx_van, gp_van = run(stage, x, dy, vanilla=True)
+    assert torch.allclose(y_rev, y_van, atol=1e-6)
+    assert all(g is not None for g in gp_rev)
+    assert max_relative_error([gx_rev, *gp_rev], [gx_van, *gp_van]) <= 1e-5
+    assert not torch.equal(run(stage, x, dy, vanilla=True, seed=1)[0], y_van)  # drop path acts
+
+
+def test_pieces_take_the_function_position_into_account():
+    """The windowed branch run on a piece without its position groups differently: the test
+    above would catch a stage that ignored `at`."""
+    block = PiecewiseBlock().eval()
+    x = torch.randn(2, 13, 3, WIDTH)
+    whole = block.windowed(x)
+    assert torch.allclose(block.windowed(x[:, 6:10], 6), whole[:, 6:10], atol=1e-6)
+    assert not torch.allclose(block.windowed(x[:, 6:10], 0), whole[:, 6:10], atol=1e-3)
+
+
+def live_peak(step, exclude) -> int:
+    """High-water mark of the bytes of tensors allocated while step() runs (`exclude`: tensors
+    that exist before, the input and the parameters)."""
+    from re2tal.planning.memory import LiveBytes
+
+    with LiveBytes(exclude) as live:
+        step()
+    return live.peak
+
+
+def test_pieces_bound_the_transient_of_forward_and_backward():
+    """Eight pieces: over forward and backward, what is live beyond five stream-sized tensors
+    (y and b_n kept, a_n = 2 y - b_n, the two gradients; streams reconstructed in place) is one
+    piece's recomputation and back-propagation instead of the whole function's."""
+    x, dy = inputs(shape=(1, 64, 8, WIDTH))
+    stream = x.numel() * 4
+    peaks = {}
+    for piece_size in (0, 8 * 8 * WIDTH):
+        torch.manual_seed(0)
+        stage = make_stage(6, pieces=True, piece_size=piece_size).train()
+        xi = x.detach().requires_grad_()
+
+        def step():
+            stage(xi).backward(dy)
+
+        step()  # warm-up: .grad exists
+        peaks[piece_size] = live_peak(step, [xi, dy, *stage.parameters(), *(p.grad for p in stage.parameters()), xi.grad])
+    assert peaks[0] > 12 * stream
+    assert peaks[8 * 8 * WIDTH] - 5 * stream <= (peaks[0] - 5 * stream) / 4
+
+
+def test_retained_graph_backward_twice_gives_the_same_gradients():
+    torch.manual_seed(0)
+    stage = make_stage(5, pieces=True, piece_size=5 * WIDTH).eval()
+    x, dy = inputs()
+    y = stage(x)
+    grads = []
+    for _ in range(2):
+        stage.zero_grad(set_to_none=True)
+        x.grad = None
+        y.backward(dy, retain_graph=True)
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in stage.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_residual_pieces_must_match_residual_fns():
+    class Mismatched(OneBranchBlock):
+        def residual_pieces(self):
+            return [Pieces(1), Pieces(1)]
+
+    stage = RevStage([Mismatched()], piece_size=1)
+    with pytest.raises(ValueError, match="2 entries for 1 residual functions"):
+        stage(torch.randn(2, 3, WIDTH, requires_grad=True))
+    with pytest.raises(ValueError, match="piece_size must be >= 0"):
+        RevStage([OneBranchBlock()], piece_size=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,17 +8,24 @@ Written as two streams (a, b) = (x_{i-2}, x_{i-1}), one step is (a, b) -> (b, a 
 inverse is a = c - F_i(b): given the last two streams every earlier one can be recomputed, so
 nothing per block is kept for backward. Parameters are untouched, so pretrained weights load as
 they are. All tensors here have the stage's activation shape, e.g. (B, T, H, W, C).
+
+Residual functions that are local along a dimension (`re2tal.rev.pieces`) run piece by piece in
+the forward and in the backward's recomputation and back-propagation, so neither holds more
+than one piece's intermediate tensors.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
+
+from re2tal.rev.pieces import Pieces
 
 ResidualFn = Callable[[Tensor], Tensor]
 
@@ -49,10 +56,17 @@ class RevStage(nn.Module):
     paths, so dropout / drop-path masks are the same in the forward, the recomputation and the
     vanilla path, and other code's random stream only ever moves by that one draw.
 
+    piece_size: a residual function whose block declares it local along a dimension
+    (`residual_pieces()`, see re2tal.rev.pieces) runs in pieces of at most this many elements of
+    the stage tensor (whole windows / samples as the declaration allows), in the forward and the
+    backward; 0 runs every function whole. The vanilla path runs them whole.
+
     Memory: kept for backward are the leading blocks' input, the output y and b_n
     (a_n = 2 y - b_n), or a_n and b_n when y is in a lower precision than the streams; so a next
     layer that keeps y shares it, and the stage must not be followed by an in-place change of y
-    (autograd would report it).
+    (autograd would report it). The backward holds two stream-sized gradients and reconstructs
+    the streams in the kept buffers (in new ones while autograd keeps the graph, retain_graph),
+    plus one piece's recomputation.
 
     Limitations: parameter gradients are accumulated into `.grad` by a nested
     `torch.autograd.backward` (like reentrant checkpointing), so use `loss.backward()`;
@@ -60,7 +74,8 @@ class RevStage(nn.Module):
     `find_unused_parameters=False` (the default).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module] | Mapping[str, nn.Module], *, lead: int = 0, fp32_streams: bool = True):
+    def __init__(self, blocks: Sequence[nn.Module] | Mapping[str, nn.Module], *, lead: int = 0, fp32_streams: bool = True,
+                 piece_size: int = 0):
         super().__init__()
         named = list(blocks.items()) if isinstance(blocks, Mapping) else [(str(i), b) for i, b in enumerate(blocks)]
         if not 0 <= lead < len(named):
@@ -71,6 +86,9 @@ class RevStage(nn.Module):
             self.add_module(name, block)
         self.lead = lead
         self.fp32_streams = fp32_streams
+        if piece_size < 0:
+            raise ValueError(f"RevStage: piece_size must be >= 0, got {piece_size}")
+        self.piece_size = piece_size
         self.vanilla = False
 
     def __len__(self) -> int:
@@ -90,28 +108,32 @@ class RevStage(nn.Module):
         """F_1..F_n of the reversible part, in order."""
         return [fn for block in self.reversible_blocks() for fn in block.residual_fns()]
 
+    def residual_pieces(self) -> list[Pieces | None]:
+        """How each of F_1..F_n may run in pieces (None: whole), as its block declares it."""
+        return [pieces for block in self.reversible_blocks() for pieces in _pieces_of(block)]
+
     def extra_repr(self) -> str:
-        return f"lead={self.lead}, fp32_streams={self.fp32_streams}"
+        return f"lead={self.lead}, fp32_streams={self.fp32_streams}, piece_size={self.piece_size}"
 
     def forward(self, x: Tensor) -> Tensor:
         """The leading blocks, then (a_n + b_n) / 2 after n steps from a_0 = b_0 = their output;
         the reversible part keeps shape and dtype."""
         for block in list(self)[:self.lead]:
             x = checkpointed(block, x) if torch.is_grad_enabled() and not self.vanilla else block(x)
-        fns = self.residual_fns()
         spec = _Precision.of(x, self.fp32_streams)
         seed = _draw_seed() if self.training else None
-        if self.vanilla:
-            return spec.output(*_streams(fns, x, spec, seed))
         rev = self.reversible_blocks()
-        params_need_grad = any(p.requires_grad for block in rev for p in block.parameters())
-        if not torch.is_grad_enabled() or not (x.requires_grad or params_need_grad):
+        piece_size = 0 if self.vanilla else self.piece_size
+        steps = [_Step.of(fn, block, pieces, x.shape, piece_size) for block in rev for fn, pieces in zip(block.residual_fns(), _pieces_of(block))]
+        if self.vanilla:
+            return spec.output(*_streams(steps, x, spec, seed))
+        if not torch.is_grad_enabled() or not (x.requires_grad or any(s.params for s in steps)):
             with torch.no_grad():
-                return spec.output(*_streams(fns, x, spec, seed))
+                return spec.output(*_streams(steps, x, spec, seed))
         # Function.apply only builds a graph node when an input requires grad; a stage whose
         # input is constant (frozen stem) but whose parameters train needs one anyway.
         anchor = x.new_empty(0, requires_grad=True) if not x.requires_grad else None
-        return _RevFunction.apply(x, anchor, rev, fns, spec, seed)
+        return _RevFunction.apply(x, anchor, rev, steps, spec, seed)
 
 
 class _Precision:
@@ -150,20 +172,67 @@ class _Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _streams(fns: Sequence[ResidualFn], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
+def _pieces_of(block: nn.Module) -> list[Pieces | None]:
+    """The block's `residual_pieces()`, one per residual function; all None if it declares none."""
+    n = len(block.residual_fns())
+    declared = getattr(block, "residual_pieces", None)
+    pieces = list(declared()) if callable(declared) else [None] * n
+    if len(pieces) != n:
+        raise ValueError(f"RevStage: {type(block).__name__}.residual_pieces() has {len(pieces)} entries for {n} residual functions")
+    return pieces
+
+
+Span = tuple[int, int] | None  # [start, stop) along the pieces' dimension; None: the whole tensor
+
+
+@dataclass
+class _Step:
+    """F_i with the parameters it may use (its block's that need grad) and where it runs: spans
+    along `pieces.dim`, or [None] (whole)."""
+
+    fn: ResidualFn
+    params: list[nn.Parameter]
+    pieces: Pieces | None
+    spans: list[Span]
+
+    @classmethod
+    def of(cls, fn: ResidualFn, block: nn.Module, pieces: Pieces | None, shape: Sequence[int], piece_size: int) -> "_Step":
+        spans: list[Span] = [None]
+        if pieces is not None and piece_size > 0:
+            cut = pieces.spans(shape, piece_size)
+            spans = cut if len(cut) > 1 else [None]
+        return cls(fn, [p for p in block.parameters() if p.requires_grad], pieces, spans)
+
+    def piece(self, t: Tensor, span: Span) -> Tensor:
+        return t if span is None else t.narrow(self.pieces.dim, span[0], span[1] - span[0])
+
+    def run(self, x: Tensor, span: Span, size: int) -> Tensor:
+        """F_i on the piece x of the stage tensor (size: the length of the pieces' dimension)."""
+        return self.fn(x) if span is None else self.pieces.call(self.fn, x, span[0], size)
+
+
+def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
     """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b)).
 
-    Without grad, from step 2 on a_i = a_{i-1} + F_i is written into a_{i-1}'s buffer (made
-    here, no longer needed): two stream buffers for the whole stage instead of one per step plus
-    a stream-dtype copy of F_i's output (the sum promotes it). Steps 0 and 1 read x's buffer."""
+    With grad (the vanilla path) through plain autograd, F_i whole. Without grad, F_i piece by
+    piece, and from step 2 on a_i = a_{i-1} + F_i is written into a_{i-1}'s buffer (made here,
+    no longer needed): two stream buffers for the whole stage instead of one per step plus a
+    stream-dtype copy of F_i's output (the sum promotes it). Steps 0 and 1 read x's buffer."""
     a = b = x.to(spec.stream)
-    in_place = not torch.is_grad_enabled()
     with _rng_substreams(spec.device, seed) as select:
-        for i, fn in enumerate(fns):
-            select(i)
-            f = fn(spec.fn_input(b))
-            a, b = b, a.add_(_addend(f, spec.stream)) if in_place and i >= 2 else a + f.to(spec.stream)
-            del f
+        for i, step in enumerate(steps):
+            if torch.is_grad_enabled():
+                select(i)
+                a, b = b, a + step.fn(spec.fn_input(b)).to(spec.stream)
+                continue
+            new = a if i >= 2 else torch.empty_like(a)
+            size = x.shape[step.pieces.dim] if step.pieces is not None else 0
+            for span in step.spans:
+                select(i)
+                f = step.run(spec.fn_input(step.piece(b, span)), span, size)
+                torch.add(step.piece(a, span), _addend(f, spec.stream), out=step.piece(new, span))
+                del f
+            a, b = b, new
     return a, b
 
 
@@ -199,12 +268,12 @@ def _rng_substreams(device: torch.device, seed: int | None) -> Iterator[Callable
 
 class _RevFunction(torch.autograd.Function):
     """Keeps only (a_n, b_n); backward walks the steps in reverse, reconstructing each F_i's
-    input and back-propagating through F_i once."""
+    input and back-propagating through F_i once, piece by piece."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, anchor: Tensor | None, blocks: list[nn.Module], fns: list[ResidualFn],
+    def forward(ctx, x: Tensor, anchor: Tensor | None, blocks: list[nn.Module], steps: list[_Step],
                 spec: _Precision, seed: int | None) -> Tensor:
-        a, b = _streams(fns, x, spec, seed)
+        a, b = _streams(steps, x, spec, seed)
         y = spec.output(a, b)
         # Any two of (a_n, b_n, y) determine the third. y exists anyway and the next layer often
         # keeps it too (a LayerNorm, a checkpointed patch merging): keeping (y, b_n) then costs
@@ -213,41 +282,67 @@ class _RevFunction(torch.autograd.Function):
         # Every tensor kept goes through save_for_backward so saved-tensor hooks (offloading, the
         # memory benchmark) see it; ctx attributes hold only non-tensor metadata.
         ctx.save_for_backward(y if ctx.from_output else a, b)
-        ctx.blocks, ctx.fns, ctx.spec, ctx.seed = blocks, fns, spec, seed
+        ctx.blocks, ctx.steps, ctx.spec, ctx.seed = blocks, steps, spec, seed
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         """With (ga, gb) = dL/d(a_i, b_i) and z = a_i = b_{i-1}, f = F_i(z):
-        a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0."""
+        a_{i-1} = b_i - f,  dL/da_{i-1} = gb,  dL/db_{i-1} = ga + J_f(z)^T gb;  dL/dx = ga_0 + gb_0,
+        each on every piece of F_i in turn."""
         a, b = ctx.saved_tensors
+        # Buffers this backward may write: its own, and the kept streams unless autograd keeps
+        # the graph for another backward (retain_graph); never y, which is the caller's.
+        kept_free = not _graph_kept()
+        a_own, b_own = ctx.from_output or kept_free, kept_free
         if ctx.from_output:
-            a = b.mul(-1).add_(a, alpha=2)  # a_n = 2 y - b_n; y is the caller's, never written
-        fns, spec = ctx.fns, ctx.spec
-        ga = gb = dy.to(spec.stream) * 0.5
-        # Memory: from the third step on, a_{i-1} = b_i - f is written into b_i's buffer (made
-        # by this loop two steps before, no longer needed), so the backward allocates no stream
-        # per step and no stream-dtype copy of f; the saved (a_n, b_n) are never written, so a
-        # retained graph can run backward again.
+            a = b.mul(-1).add_(a, alpha=2)  # a_n = 2 y - b_n
+        steps, spec = ctx.steps, ctx.spec
+        gb = torch.empty_like(b)
+        torch.mul(dy, 0.5, out=gb)  # exact in any dtype
+        ga = gb.clone()
         with _rng_substreams(spec.device, ctx.seed) as select, running_stats_kept(ctx.blocks), spec.autocast_ctx():
-            for k, i in enumerate(reversed(range(len(fns)))):
-                select(i)
-                z = a.detach().requires_grad_()
-                with torch.enable_grad():
-                    f = fns[i](spec.fn_input(z))
+            for i in reversed(range(len(steps))):
+                step, z = steps[i], a
+                dest = None if i == 0 else b if b_own else torch.empty_like(b)  # a_{i-1} = b_i - f goes here
+                size = z.shape[step.pieces.dim] if step.pieces is not None else 0
+                # several pieces: their parameter gradients are summed here and accumulated once,
+                # so a parameter's gradient hooks (DDP, ZeRO) fire once per use, as whole
+                summed: list[Tensor | None] = [None] * len(step.params)
+                for span in step.spans:
+                    select(i)
+                    zp = step.piece(z, span).detach().requires_grad_()
+                    with torch.enable_grad():
+                        f = step.run(spec.fn_input(zp), span, size)
+                    if i > 0:
+                        torch.sub(step.piece(b, span), _addend(f.detach(), spec.stream), out=step.piece(dest, span))
+                    if f.requires_grad:
+                        g = step.piece(gb, span).to(f.dtype)
+                        if span is None:  # whole: parameter .grad accumulates through the ordinary path
+                            torch.autograd.backward(f, g)
+                            dz = zp.grad
+                        else:
+                            dz, *dparams = torch.autograd.grad(f, [zp, *step.params], g, allow_unused=True)
+                            summed = [s if d is None else d if s is None else s.add_(d) for s, d in zip(summed, dparams)]
+                        if dz is not None:
+                            step.piece(ga, span).add_(dz)  # ga + J^T gb, in place: the next gb
+                    del f, zp
+                used = [(p, s) for p, s in zip(step.params, summed) if s is not None]
+                if used:
+                    torch.autograd.backward([p for p, _ in used], [s for _, s in used])
+                del summed, used
+                ga, gb = gb, ga
                 if i > 0:
-                    a = b.sub_(_addend(f.detach(), spec.stream)) if k >= 2 else b - f.detach().to(spec.stream)
-                b = z.detach()
-                # One evaluation of F_i serves both the reconstruction above and this backward;
-                # parameter .grad accumulates through the ordinary path, so DDP / ZeRO gradient
-                # hooks fire once per use.
-                if f.requires_grad:
-                    torch.autograd.backward(f, gb.to(f.dtype))
-                dz = z.grad
-                del f, z
-                ga, gb = gb, ga if dz is None else dz.add_(ga)  # dz is ours: add in place
-        dx = (ga + gb).to(spec.out) if ctx.needs_input_grad[0] else None
+                    a, b, b_own = dest, z, a_own
+                    a_own = True
+        dx = ga.add_(gb).to(spec.out) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None, None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph); True when it cannot be told."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
 
 
 @contextmanager
