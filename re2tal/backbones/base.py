@@ -6,6 +6,9 @@ from abc import ABCMeta, abstractmethod
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from re2tal.rev import Pieces
 
 
 def mmaction_backbone(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -22,6 +25,15 @@ def init_linears(model: nn.Module, std: float = 0.02) -> None:
             nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def batch_pieces(block: nn.Module) -> Pieces | None:
+    """Where a conv branch with BatchNorm is local: along the batch when none of its BatchNorms
+    normalises with the batch's statistics (eval mode, norm_eval, frozen stages), else nowhere.
+    For branches that draw no random numbers (the ResNets' bottlenecks)."""
+    if any(isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats) for m in block.modules()):
+        return None
+    return Pieces(0)
 
 
 class Backbone(nn.Module, metaclass=ABCMeta):
@@ -67,7 +79,8 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return False
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
-        """The block in a form exposing `residual_fns()` (e.g. ReLU-in of a post-activation one)."""
+        """The block in a form exposing `residual_fns()` and, where they are local, `residual_pieces()`
+        (e.g. ReLU-in of a post-activation one, local along the batch: `batch_pieces`)."""
         return block
 
     def reversible_lead(self, block: nn.Module) -> nn.Module:

@@ -74,7 +74,7 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
             raise BadInput(f"backbone.pretrained: {cfg.pretrained} holds a Re² (reversible) model, which computes what it was "
                            f"trained for only rewired: set backbone.reversible: true")
     if cfg.reversible:
-        apply_reversible(model, cfg.fp32_streams)
+        apply_reversible(model, cfg.fp32_streams, cfg.piece_size)
     elif cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_frozen_stages(model, cfg.frozen_stages)
@@ -169,12 +169,12 @@ def load_state(model: Backbone, state: dict[str, Tensor], url: str) -> list[str]
 # how the model runs
 
 
-def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
+def apply_reversible(model: Backbone, fp32_streams: bool = True, piece_size: int = 0) -> None:
     """Rewire every residual stage into a reversible RevStage (Re²): a stage's leading blocks
     that change shape run ordinarily (checkpointed; `model.reversible_lead` may change their form,
     e.g. SlowFast's as the authors' Re²SlowFast), post-activation blocks go through ReLU-in;
     stems, patch embedding / merging and fusions are untouched. Parameters and state-dict keys
-    are unchanged."""
+    are unchanged. piece_size: see RevStage (functions local along a dimension run in pieces)."""
     for parent, name, lead in model.residual_stages():
         stage = getattr(parent, name)
         if type(stage) is not nn.Sequential:
@@ -182,7 +182,7 @@ def apply_reversible(model: Backbone, fp32_streams: bool = True) -> None:
         if len(stage) > lead:  # a stage of only shape-changing blocks has nothing to rewire
             blocks = {n: model.reversible_lead(b) if i < lead else model.reversible_block(b)
                       for i, (n, b) in enumerate(stage.named_children())}
-            setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams))  # keeps the blocks' names
+            setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams, piece_size=piece_size))  # keeps the blocks' names
 
 
 class CheckpointedSequential(nn.Sequential):

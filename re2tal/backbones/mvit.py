@@ -52,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import MLP, StochasticDepth
 
 from re2tal.backbones.base import Backbone, init_linears
+from re2tal.rev.pieces import Pieces
 
 Triple = tuple[int, int, int]
 
@@ -222,6 +223,12 @@ class MultiscaleBlock(nn.Module):
         if not self.keeps_shape():
             raise TypeError("MultiscaleBlock: a block that pools the query or changes channels is not a residual function")
         return [self.attention_branch, self.mlp_branch]
+
+    def residual_pieces(self) -> list[Pieces | None]:
+        """F1 attends globally: not local. F2 is token-wise: local along the grid's frames, where a
+        piece from frame 0 holds the class-token frame (zeros off the class token) and any other
+        holds patch tokens only."""
+        return [None, Pieces(1, at=lambda grid, start, size: self.mlp_branch(grid) if start == 0 else self.stochastic_depth(self.mlp(self.norm2(grid))))]
 
     def forward(self, grid: Tensor) -> Tensor:
         x, thw = to_tokens(grid)

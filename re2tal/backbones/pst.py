@@ -17,7 +17,8 @@ Modules only (STYLE #1). Parameter names are theirs (`layers.{s}.blocks.{i}...`,
   - relative position bias from a table of (2 * 16 - 1) * 13 * 13 rows per head, each frame f
     with its own rows (`relative_position_index`): see `relative_position_index`.
 Both branches of a block are residual functions of its input (`residual_fns()`), so Re²
-rewiring applies unchanged; the shifts are inside the attention branch.
+rewiring applies unchanged; the shifts are inside the attention branch, which is local along H
+in whole windows (`residual_pieces()`), the MLP branch token-wise.
 
 Any clip length T (their code runs only at T = 16 after patch embedding):
   - the patch shift and the channel shift act over the T frames of the clip (cyclic patch shift:
@@ -48,7 +49,8 @@ from torchvision.ops import StochasticDepth
 from re2tal.backbones.base import Backbone, init_linears
 from re2tal.backbones.patch_shift import PATTERNS, Boundary, max_offset, offset_map, patch_shift, shift_index
 from re2tal.backbones.shape_cache import ShapeCache
-from re2tal.backbones.swin import effective_window, region_mask
+from re2tal.backbones.swin import effective_window, region_mask, window_runs
+from re2tal.rev.pieces import Pieces, window_cuts
 
 Pair = tuple[int, int]
 
@@ -142,36 +144,60 @@ class PatchShiftAttention(nn.Module):
         index = self.cache.get(key, lambda: shift_index(self.pattern, t, h, w, self.boundary, inverse, window).to(x.device))
         return patch_shift(x, index, max_offset(self.pattern) if self.boundary == "zero" else 0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, span: tuple[int, int] | None = None) -> Tensor:
+        """span (start, total): x is rows [start, start + h) of a map of `total` rows, cut at
+        window borders (`height_cuts`); the result is those rows of the whole map's. Windows along
+        H then follow the whole map: a shifted grid is padded instead of rolled along H (see
+        swin.WindowAttention3d.forward)."""
         b, t, h, w, c = x.shape
         heads = self.num_heads
-        (_, wh, ww), (_, sh, sw) = effective_window((t, h, w), (1, *self.window), (0, *self.shift))
+        start, total = span or (0, h)
+        (_, wh, ww), (_, sh, sw) = effective_window((t, total, w), (1, *self.window), (0, *self.shift))
         if not self.shifted:
             x = channel_shift(x, heads)
-        x = F.pad(x, (0, 0, 0, (-w) % ww, 0, (-h) % wh))
+        last = start + h == total
+        if span is None:
+            before, after, roll = 0, (-h) % wh, (sh, sw)
+        else:  # a piece: rows padded, not rolled
+            before = wh - sh if sh and start == 0 else 0
+            after = (-total) % wh + sh if last else 0
+            roll = (0, sw)
+        x = F.pad(x, (0, 0, 0, (-w) % ww, before, after))
         hp, wp = x.shape[2:4]
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(2, 3))
+        if any(roll):
+            x = torch.roll(x, shifts=(-roll[0], -roll[1]), dims=(2, 3))
         if self.shifted:
             x = self._patch_shift(x, (wh, ww), inverse=False)
         gh, gw, n = hp // wh, wp // ww, wh * ww
+        masked_h: tuple[int, ...] = ()
+        if sh:
+            masked_h = (gh - 1,) if span is None else tuple(i for i, on in ((0, before > 0), (gh - 1, last)) if on)
         x = x.view(b, t, gh, wh, gw, ww, c).permute(0, 2, 4, 1, 3, 5, 6).reshape(b, gh, gw, t, n, c)
         qkv = self.qkv(x).view(b, gh, gw, t, n, 3, heads, c // heads).permute(5, 0, 1, 2, 3, 6, 4, 7)
         q, k, v = qkv.unbind(0)  # each B, gH, gW, T, nH, N, d
-        out = self._attend(q, k, v, self.relative_position_bias(t, (wh, ww)), (wh, ww), (sh, sw), (gh, gw))
+        masked = (masked_h, (gw - 1,) if sw else ())
+        out = self._attend(q, k, v, self.relative_position_bias(t, (wh, ww)), (wh, ww), (sh, sw), masked)
         out = out.transpose(-3, -2).reshape(b, gh, gw, t, wh, ww, c).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, t, hp, wp, c)
         if self.shifted:
             out = self._patch_shift(out, (wh, ww), inverse=True)
-        if sh or sw:
-            out = torch.roll(out, shifts=(sh, sw), dims=(2, 3))
-        return self.proj(out[:, :, :h, :w])
+        if any(roll):
+            out = torch.roll(out, shifts=roll, dims=(2, 3))
+        return self.proj(out[:, :, before:before + h, :w])
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: Pair, shift: Pair, grid: Pair) -> Tensor:
+    def height_cuts(self, size: int) -> list[int]:
+        """Where a map of `size` rows may be cut into pieces for `forward(x, span)`: window
+        borders along H, shift + k * wh (the rule along H does not depend on T, W)."""
+        (_, wh, _), (_, sh, _) = effective_window((1, size, self.window[1]), (1, *self.window), (0, *self.shift))
+        return window_cuts(size, wh, sh)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: Pair, shift: Pair,
+                masked: tuple[tuple[int, ...], tuple[int, ...]]) -> Tensor:
         """softmax(q k^T / sqrt(d) + bias + mask) v; q, k, v (B, gH, gW, T, nH, N, d), bias (T, nH, N, N).
 
         Frames and heads form SDPA's head axis (the bias differs per frame, not per window), the
-        windows its batch; only the last window along a shifted axis needs the region mask, so
-        windows are attended in at most 4 groups, each with one (T * nH, N, N) mask."""
+        windows its batch; only the windows listed in `masked` along a shifted axis need the region
+        mask (see swin.WindowAttention3d._attend), so windows are attended in a few groups, each
+        with one (T * nH, N, N) mask."""
         t, heads, n, d = q.shape[-4:]
 
         def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -180,10 +206,10 @@ class PatchShiftAttention(nn.Module):
             mask = mask.to(q.dtype).reshape(1, t * heads, n, n).contiguous()
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(shape)
 
-        if not any(shift):
+        if not any(masked):
             return sdpa(q, k, v, bias)
         out = q.new_empty(q.shape)
-        parts = [((slice(0, g - 1), False), (slice(g - 1, g), True)) if s else ((slice(None), False),) for g, s in zip(grid, shift)]
+        parts = [window_runs(g, m) for g, m in zip(q.shape[1:3], masked)]
         for (sh, lh), (sw, lw) in itertools.product(*parts):
             mask = bias
             if lh or lw:
@@ -229,6 +255,12 @@ class PSTBlock(nn.Module):
 
     def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
         return [self.attention_branch, self.mlp_branch]
+
+    def residual_pieces(self) -> list[Pieces | None]:
+        """F1 is local along H in whole windows, at its position in the map (its patch and channel
+        shifts move features across frames, so not along T); F2 along T anywhere (token-wise)."""
+        attention = Pieces(2, self.attn.height_cuts, lambda x, start, size: self.drop_path(self.attn(self.norm1(x), (start, size))))
+        return [attention, Pieces(1)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention_branch(x)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from re2tal.backbones.base import Backbone, mmaction_backbone
+from re2tal.backbones.base import Backbone, batch_pieces, mmaction_backbone
 from re2tal.backbones.tada import RouteFunc, TAdaConv2d
 from re2tal.rev import relu_in
 
@@ -246,7 +246,7 @@ class SlowFast(Backbone):
         return [(pathway, "res_blocks", 1) for block in self.blocks[1:] for pathway in block.multipathway_blocks]
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
-        return relu_in(block, "branch2")
+        return relu_in(block, "branch2", pieces=batch_pieces)
 
     def reversible_lead(self, block: nn.Module) -> nn.Module:
         """P(x) + ReLU(F(x)) for a stage's projecting first block, as the authors' Re²SlowFast."""

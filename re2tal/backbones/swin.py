@@ -11,7 +11,10 @@ without numeric effect beyond float rounding:
     shifted axis) so the mask stays (nH, N, N) for any input length instead of torchvision's
     (windows, N, N);
   - masks and shift indices are built once per shape in a ShapeCache owned by the backbone.
-Each block exposes its two residual functions for reversible rewiring (`re2tal.rev`).
+Each block exposes its two residual functions for reversible rewiring (`re2tal.rev`) and where
+they are local (`residual_pieces()`): the MLP branch token-wise, the attention branch along T in
+whole windows, evaluated on a piece of frames at its position in the clip (`WindowAttention3d`'s
+`span`).
 
 mmaction's Video Swin (mmaction/models/backbones/swin.py, `SwinTransformer3D`, e.g. its
 Kinetics-400 Swin-T) and the Re²TAL authors' Re²Swin (OpenTAD re2tal_swin.py,
@@ -39,6 +42,7 @@ from torchvision.ops import MLP, StochasticDepth
 from re2tal.backbones.base import Backbone, init_linears, mmaction_backbone
 from re2tal.backbones.patch_shift import TemporalPatchShift
 from re2tal.backbones.shape_cache import ShapeCache
+from re2tal.rev.pieces import Pieces, window_cuts
 
 Triple = tuple[int, int, int]
 
@@ -86,6 +90,19 @@ def region_mask(window: Triple, shift: Triple, last: tuple[bool, bool, bool]) ->
     return (region[:, None] != region[None, :]).float() * MASK_VALUE
 
 
+def window_runs(count: int, masked: Sequence[int]) -> list[tuple[slice, bool]]:
+    """The windows 0..count-1 of an axis as runs (slice, masked) of consecutive windows that are
+    all masked or all not."""
+    runs: list[tuple[slice, bool]] = []
+    for i in range(count):
+        m = i in masked
+        if runs and runs[-1][1] == m:
+            runs[-1] = (slice(runs[-1][0].start, i + 1), m)
+        else:
+            runs.append((slice(i, i + 1), m))
+    return runs
+
+
 class WindowAttention3d(nn.Module):
     """(Shifted-)window multi-head self-attention with relative position bias, optionally with
     temporal patch shift. (B, T, H, W, C) -> (B, T, H, W, C).
@@ -117,40 +134,66 @@ class WindowAttention3d(nn.Module):
         index = self.relative_position_index[:n, :n].reshape(-1)
         return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, span: tuple[int, int] | None = None) -> Tensor:
+        """span (start, total): x is frames [start, start + t) of a clip of `total` frames, cut at
+        window borders (`time_cuts`); the result is those frames of the whole clip's. Windows along
+        T then follow the whole clip: a shifted grid is not rolled but padded, on the left by
+        W - s zero frames before its head group [0, s) and on the right, after the clip's own
+        padding, by s: each such window is a region of the wrapped window and masked as it."""
         b, t, h, w, c = x.shape
-        window, shift = effective_window((t, h, w), self.window_size, self.shift_size)
+        start, total = span or (0, t)
+        window, shift = effective_window((total, h, w), self.window_size, self.shift_size)
         if self.patch_shift is not None:
             x = self.patch_shift(x)
-        pad = [(-s) % win for s, win in zip((t, h, w), window)]
-        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-        if any(shift):
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        grid = tuple((size + p) // win for size, p, win in zip((t, h, w), pad, window))
+        pad = [(-s) % win for s, win in zip((total, h, w), window)]
+        first, last = start == 0, start + t == total
+        if span is None:
+            before, after, roll = 0, pad[0], shift
+        else:  # a piece: frames padded, not rolled
+            before = window[0] - shift[0] if shift[0] and first else 0
+            after = pad[0] + shift[0] if last else 0
+            roll = (0, *shift[1:])
+        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], before, after))
+        if any(roll):
+            x = torch.roll(x, shifts=tuple(-s for s in roll), dims=(1, 2, 3))
+        grid = tuple(size // win for size, win in zip(x.shape[1:4], window))
+        masked_t: tuple[int, ...] = ()
+        if shift[0]:
+            masked_t = (grid[0] - 1,) if span is None else tuple(i for i, on in ((0, before > 0), (grid[0] - 1, last)) if on)
         n, heads = math.prod(window), self.num_heads
         x = x.view(b, grid[0], window[0], grid[1], window[1], grid[2], window[2], c)
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, *grid, n, c)  # B, gT, gH, gW, N, C
         qkv = self.qkv(x).view(b, *grid, n, 3, heads, c // heads).permute(5, 0, 1, 2, 3, 6, 4, 7)
         q, k, v = qkv.unbind(0)  # each B, gT, gH, gW, nH, N, d
-        out = self._attend(q, k, v, self.relative_position_bias(n), window, shift, grid)
+        masked = (masked_t, *(((g - 1,) if s else ()) for g, s in zip(grid[1:], shift[1:])))
+        out = self._attend(q, k, v, self.relative_position_bias(n), window, shift, masked)
         out = self.proj(out.transpose(-3, -2).reshape(b, *grid, n, c))
         padded = tuple(g * win for g, win in zip(grid, window))
         out = out.view(b, *grid, *window, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *padded, c)
-        if any(shift):
-            out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
-        out = out[:, :t, :h, :w]
+        if any(roll):
+            out = torch.roll(out, shifts=roll, dims=(1, 2, 3))
+        out = out[:, before:before + t, :h, :w]
         if self.patch_shift is not None:
             out = self.patch_shift(out, inverse=True)
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: Triple, shift: Triple, grid: Triple) -> Tensor:
+    def time_cuts(self, size: int) -> list[int]:
+        """Where a clip of `size` frames may be cut into pieces for `forward(x, span)`: window
+        borders along T, shift + k * W (the rule along T does not depend on H, W)."""
+        window, shift = effective_window((size, *self.window_size[1:]), self.window_size, self.shift_size)
+        return window_cuts(size, window[0], shift[0])
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, window: Triple, shift: Triple,
+                masked: tuple[tuple[int, ...], ...]) -> Tensor:
         """softmax(q k^T / sqrt(d) + bias + mask) v over windows; q, k, v (B, gT, gH, gW, nH, N, d).
 
-        Only the last window along a shifted axis needs a mask, so windows are attended in at
-        most 8 groups (interior / last along each shifted axis), each with one (nH, N, N) mask.
-        Inputs go to SDPA as 4-D tensors with a contiguous 4-D mask: that is what selects its
-        fused CPU kernel (other layouts fall back to the slower math path); windows are split
-        into calls of bounded size (ATTN_CALL_ELEMENTS, by torch.split, whose backward is one cat)."""
+        Only the windows listed in `masked` along each shifted axis (the last one of a rolled
+        grid; the first and last of a padded piece) hold two regions and need a mask, so windows
+        are attended in a few groups (runs of masked / unmasked windows per axis), each with one
+        (nH, N, N) mask. Inputs go to SDPA as 4-D tensors with a contiguous 4-D mask: that is what
+        selects its fused CPU kernel (other layouts fall back to the slower math path); windows
+        are split into calls of bounded size (ATTN_CALL_ELEMENTS, by torch.split, whose backward
+        is one cat)."""
         heads, n, d = q.shape[-3:]
 
         def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -166,10 +209,10 @@ class WindowAttention3d(nn.Module):
             # transpose + reshape is then a view, as for one call, not a copy
             return torch.cat([o.transpose(1, 2) for o in outs]).transpose(1, 2).view(shape)
 
-        if not any(shift):
+        if not any(masked):
             return sdpa(q, k, v, bias)
         out = q.new_empty(q.shape)
-        parts = [((slice(0, g - 1), False), (slice(g - 1, g), True)) if s else ((slice(None), False),) for g, s in zip(grid, shift)]
+        parts = [window_runs(g, m) for g, m in zip(q.shape[1:4], masked)]
         for (st, lt), (sh, lh), (sw, lw) in itertools.product(*parts):
             last = (lt, lh, lw)
             mask = bias
@@ -203,6 +246,14 @@ class SwinBlock(nn.Module):
 
     def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
         return [self.attention_branch, self.mlp_branch]
+
+    def residual_pieces(self) -> list[Pieces | None]:
+        """F1 is local along T in whole windows, at its position in the clip (not with TPS, whose
+        shift moves features across the clip); F2 along T anywhere (token-wise)."""
+        attention = None
+        if self.attn.patch_shift is None:
+            attention = Pieces(1, self.attn.time_cuts, lambda x, start, size: self.stochastic_depth(self.attn(self.norm1(x), (start, size))))
+        return [attention, Pieces(1)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention_branch(x)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, batch_pieces
 from re2tal.rev import relu_in
 
 Pair = tuple[int, int]
@@ -263,7 +263,7 @@ class TAda2D(Backbone):
         return [(self, f"conv{i + 2}", 1) for i in range(self.num_stages)]
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
-        return relu_in(block, "conv_branch")
+        return relu_in(block, "conv_branch", pieces=batch_pieces)
 
     def frozen_modules(self, stages: int) -> list[str]:
         return ["conv1"] + [f"conv{i + 2}" for i in range(min(stages, self.num_stages))]

@@ -25,7 +25,7 @@ from torchvision.models.video.resnet import (
     VideoResNet as TorchvisionVideoResNet,
 )
 
-from re2tal.backbones.base import Backbone
+from re2tal.backbones.base import Backbone, batch_pieces
 from re2tal.rev import relu_in
 
 # name -> (conv builder of each of the four layers, stem)
@@ -67,7 +67,7 @@ class VideoResNet(Backbone):
         return [(self, f"layer{i + 1}", int(getattr(layer[0], "downsample", None) is not None)) for i, layer in enumerate(self.layers())]
 
     def reversible_block(self, block: nn.Module) -> nn.Module:
-        return relu_in(block, branch)
+        return relu_in(block, branch, pieces=batch_pieces)
 
     def frozen_modules(self, stages: int) -> list[str]:
         return ["stem"] + [f"layer{i + 1}" for i in range(min(stages, 4))]

@@ -18,6 +18,8 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from re2tal.rev.pieces import Pieces
+
 Branch = Callable[[nn.Module, Tensor], Tensor]
 
 
@@ -34,9 +36,12 @@ class ReluIn(nn.Module):
     shortcut: None for the identity; else P as a function `shortcut(module, x)` (same rules as a
       branch function), e.g. `lambda m, x: m.branch1_norm(m.branch1_conv(x))`; then the module
       has no `residual_fns()` use (it is not of the form x + G(x)) and runs as a leading block.
+    pieces: where G is local, `pieces(module) -> Pieces | None`, asked at every forward (e.g. the
+      batch when no BatchNorm of the branch is in training mode); None: nowhere.
     """
 
-    def __init__(self, block: nn.Module, branch: str | Branch, shortcut: Branch | None = None):
+    def __init__(self, block: nn.Module, branch: str | Branch, shortcut: Branch | None = None,
+                 pieces: Callable[[nn.Module], Pieces | None] | None = None):
         super().__init__()
         own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
         if own:
@@ -47,6 +52,7 @@ class ReluIn(nn.Module):
             raise ValueError(f"ReluIn: {type(block).__name__} has no child {branch!r}")
         self._branch = branch  # underscore: must not clash with an adopted child
         self._shortcut = shortcut
+        self._pieces = pieces
 
     def residual_fn(self, x: Tensor) -> Tensor:
         """ReLU(F(x)), same shape as x."""
@@ -56,10 +62,14 @@ class ReluIn(nn.Module):
     def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
         return [self.residual_fn]
 
+    def residual_pieces(self) -> list[Pieces | None]:
+        return [None if self._pieces is None else self._pieces(self)]
+
     def forward(self, x: Tensor) -> Tensor:
         return (x if self._shortcut is None else self._shortcut(self, x)) + self.residual_fn(x)
 
 
-def relu_in(block: nn.Module, branch: str | Branch, shortcut: Branch | None = None) -> ReluIn:
-    """`ReluIn(block, branch, shortcut)`: the ReLU-in form of a post-activation residual block."""
-    return ReluIn(block, branch, shortcut)
+def relu_in(block: nn.Module, branch: str | Branch, shortcut: Branch | None = None,
+            pieces: Callable[[nn.Module], Pieces | None] | None = None) -> ReluIn:
+    """`ReluIn(block, branch, shortcut, pieces)`: the ReLU-in form of a post-activation residual block."""
+    return ReluIn(block, branch, shortcut, pieces)

@@ -306,10 +306,8 @@ class _RevFunction(torch.autograd.Function):
                 step, z = steps[i], a
                 dest = None if i == 0 else b if b_own else torch.empty_like(b)  # a_{i-1} = b_i - f goes here
                 size = z.shape[step.pieces.dim] if step.pieces is not None else 0
-                # several pieces: their parameter gradients are summed here and accumulated once,
-                # so a parameter's gradient hooks (DDP, ZeRO) fire once per use, as whole
-                summed: list[Tensor | None] = [None] * len(step.params)
-                for span in step.spans:
+                summed: list[Tensor | None] = [None] * len(step.params)  # parameter gradients of earlier pieces
+                for j, span in enumerate(step.spans):
                     select(i)
                     zp = step.piece(z, span).detach().requires_grad_()
                     with torch.enable_grad():
@@ -318,25 +316,48 @@ class _RevFunction(torch.autograd.Function):
                         torch.sub(step.piece(b, span), _addend(f.detach(), spec.stream), out=step.piece(dest, span))
                     if f.requires_grad:
                         g = step.piece(gb, span).to(f.dtype)
-                        if span is None:  # whole: parameter .grad accumulates through the ordinary path
-                            torch.autograd.backward(f, g)
-                            dz = zp.grad
-                        else:
+                        if j + 1 < len(step.spans):
                             dz, *dparams = torch.autograd.grad(f, [zp, *step.params], g, allow_unused=True)
                             summed = [s if d is None else d if s is None else s.add_(d) for s, d in zip(summed, dparams)]
+                        else:
+                            # The last (or only) piece goes through the ordinary path with the
+                            # earlier pieces' sums added on the way: each parameter's .grad and its
+                            # gradient hooks (DDP, ZeRO) are reached once per use, as without pieces.
+                            with _added_to_grads(step.params, summed):
+                                torch.autograd.backward(f, g)
+                            dz = zp.grad
                         if dz is not None:
                             step.piece(ga, span).add_(dz)  # ga + J^T gb, in place: the next gb
                     del f, zp
-                used = [(p, s) for p, s in zip(step.params, summed) if s is not None]
-                if used:
-                    torch.autograd.backward([p for p, _ in used], [s for _, s in used])
-                del summed, used
+                del summed
                 ga, gb = gb, ga
                 if i > 0:
                     a, b, b_own = dest, z, a_own
                     a_own = True
         dx = ga.add_(gb).to(spec.out) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None, None
+
+
+@contextmanager
+def _added_to_grads(params: Sequence[nn.Parameter], extra: Sequence[Tensor | None]) -> Iterator[None]:
+    """Inside, a backward reaching parameter p adds extra[p] to its gradient before it is
+    accumulated; on exit, an extra that no backward reached is accumulated on its own."""
+    pending = {i for i, e in enumerate(extra) if e is not None}
+
+    def adder(i: int) -> Callable[[Tensor], Tensor]:
+        def add(grad: Tensor) -> Tensor:
+            pending.discard(i)
+            return grad + extra[i]
+        return add
+
+    handles = [params[i].register_hook(adder(i)) for i in pending]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    if pending:
+        torch.autograd.backward([params[i] for i in sorted(pending)], [extra[i] for i in sorted(pending)])
 
 
 def _graph_kept() -> bool:
