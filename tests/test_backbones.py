@@ -18,7 +18,7 @@ from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import SwinBlock, WindowAttention3d
 from re2tal.config import BackboneConfig
 from re2tal.errors import BadInput
-from re2tal.rev import ReluIn, RevStage
+from re2tal.rev import Pieces, ReluIn, RevStage
 
 # The reduced Swin of the local debug mode; PST's attends in 2-D windows.
 SMALL = dict(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=(8, 4, 4))
@@ -80,6 +80,19 @@ def loss_grads(model, x, seed=None):
 
 def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def record_pieces(monkeypatch) -> list[tuple[int, int, int, int]]:
+    """(dim, start, length, size) of every piece a residual function runs on from now on."""
+    seen = []
+    call = Pieces.call
+
+    def recording(self, fn, x, start, size):
+        seen.append((self.dim, start, x.shape[self.dim], size))
+        return call(self, fn, x, start, size)
+
+    monkeypatch.setattr(Pieces, "call", recording)
+    return seen
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +292,26 @@ def test_reversible_with_drop_path_replays_it(name, sizes):
     assert rel(xr, xv) <= 1e-4 and max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
 
 
+def test_re2_swin_in_pieces_gradients_equal_whole_vanilla(monkeypatch):
+    """Pieces of one window along T (piece_size 1) at T' = 13 tokens: unshifted windows cut at 8
+    (a ragged last piece of 5), shifted ones at 4 and 12, so the window that wraps around the
+    clip's end has its two regions in the first and the last piece; drop path on. Output, input
+    and every parameter's gradient equal plain autograd through whole functions."""
+    seen = record_pieces(monkeypatch)
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="swin_t", reversible=True, drop_path=0.5, piece_size=1, **SMALL)).train()
+    x = torch.randn(2, 3, 26, 64, 64)
+    set_vanilla(model, True)
+    yv, xv, pv = loss_grads(model, x, seed=3)
+    assert not seen
+    set_vanilla(model, False)
+    yr, xr, pr = loss_grads(model, x, seed=3)
+    assert {(1, 8, 5, 13), (1, 4, 8, 13), (1, 12, 1, 13), (1, 7, 1, 13)} <= set(seen)
+    assert torch.allclose(yr, yv, atol=1e-5)
+    assert pr.keys() == pv.keys() == {k for k, _ in model.named_parameters()}
+    assert rel(xr, xv) <= 1e-4 and max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
+
+
 def test_checkpointing_gives_standard_gradients():
     torch.manual_seed(0)
     std = build_backbone(cfg(name="pst_t", drop_path=0.3, **PST_SMALL)).train()
@@ -453,6 +486,23 @@ def test_re2_slowfast_is_relu_in_rewired_and_gradients_equal_vanilla_autograd():
     assert rel(xr, xv) <= 1e-4 and all((pr[k] - pv[k]).norm() <= 1e-4 * pv[k].norm() + 1e-6 * scale for k in pv)
     assert not torch.equal(stats[False]["blocks.3.multipathway_blocks.1.res_blocks.1.branch2.norm_a.running_mean"],
                            initial["blocks.3.multipathway_blocks.1.res_blocks.1.branch2.norm_a.running_mean"])
+
+
+def test_re2_slowfast_with_frozen_batchnorm_runs_its_bottlenecks_sample_by_sample(monkeypatch):
+    """norm_eval: BatchNorm normalises with running statistics, so a bottleneck is local along
+    the batch and runs one sample at a time; with batch statistics (training mode) it runs whole."""
+    from test_zoo import grads_match
+
+    seen = record_pieces(monkeypatch)
+    torch.manual_seed(0)
+    model = build_backbone(cfg(name="slowfast_r50", reversible=True, norm_eval=True, piece_size=1, depths=[2, 2, 2, 2])).train()
+    x = torch.randn(3, 3, 8, 32, 32)
+    grads_match(model, x)
+    assert {(0, 1, 1, 3), (0, 2, 1, 3)} <= set(seen)
+    stage = model.blocks[1].multipathway_blocks[0].res_blocks
+    assert stage.residual_pieces() == [Pieces(0)]
+    stage[1].branch2.norm_b.train()
+    assert stage.residual_pieces() == [None]
 
 
 def test_re2_slowfast_keeps_no_block_activations_and_checkpointing_keeps_gradients_and_statistics():

@@ -443,6 +443,28 @@ def test_other_lengths_bias_repeats_every_16_frames_and_channel_shift_keeps_the_
     assert torch.equal(y[..., 4:], x[..., 4:])
 
 
+def test_re2_pst_in_pieces_gradients_equal_whole_vanilla(monkeypatch):
+    """Pieces of one window row along H (piece_size 1): 18 rows of windows of 4 cut at 4, 8, 12,
+    16 (a ragged last piece of 2) in unshifted blocks and at 2, 6, 10, 14 in shifted ones, whose
+    wrapped window lies in the first and the last piece; patch and channel shifts along T inside;
+    MLP branches token by token along T; drop path on. Output and gradients equal plain autograd."""
+    from test_backbones import loss_grads, record_pieces, rel, set_vanilla
+
+    seen = record_pieces(monkeypatch)
+    torch.manual_seed(0)
+    model = build_backbone(pst_cfg(reversible=True, drop_path=0.3, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                   window_size=(1, 4, 4), piece_size=1)).train()
+    x = torch.randn(1, 3, 8, 72, 40)  # 4 x 18 x 10 tokens, then 9 x 5
+    set_vanilla(model, True)
+    yv, xv, pv = loss_grads(model, x, seed=5)
+    set_vanilla(model, False)
+    yr, xr, pr = loss_grads(model, x, seed=5)
+    assert {(2, 16, 2, 18), (2, 14, 4, 18), (2, 0, 2, 18), (1, 3, 1, 4), (2, 6, 3, 9)} <= set(seen)
+    assert torch.allclose(yr, yv, atol=1e-5)
+    assert pr.keys() == pv.keys() == {k for k, _ in model.named_parameters()}
+    assert rel(xr, xv) <= 1e-4 and max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
+
+
 def test_re2_pst_gradients_equal_vanilla_autograd():
     """Re²PST-T in training mode with drop path, 20 frames (not 16), a map padded and one
     shrunk below the window: the reversible backward gives plain autograd's gradients."""

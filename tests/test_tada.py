@@ -283,6 +283,19 @@ def test_re2_tada_gradients_and_statistics_equal_vanilla_autograd(name):
     assert not torch.equal(stats[False][route_mean], initial[route_mean])
 
 
+def test_re2_tada2d_with_frozen_batchnorm_in_samples_gradients_equal_whole_vanilla(monkeypatch):
+    """norm_eval: every BatchNorm (route functions' included) uses running statistics, so a
+    bottleneck, whose route function pools over T, H, W of one sample, runs sample by sample."""
+    from test_backbones import record_pieces
+    from test_zoo import grads_match
+
+    seen = record_pieces(monkeypatch)
+    torch.manual_seed(0)
+    model = perturb(build_backbone(cfg(name="tada2d_r50", reversible=True, norm_eval=True, piece_size=1, depths=[1, 2, 2, 1]))).train()
+    grads_match(model, torch.randn(3, 3, 4, 32, 32))
+    assert {(0, 0, 1, 3), (0, 2, 1, 3)} <= set(seen)
+
+
 def test_re2_tada2d_keeps_no_block_activations_and_checkpointing_and_freezing_work():
     kept = {}
     for reversible in (False, True):

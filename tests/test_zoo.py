@@ -265,6 +265,19 @@ def test_re2_mvit_rewires_shape_keeping_blocks_and_gradients_equal_vanilla():
     grads_match(model, torch.randn(2, 3, 8, 64, 64), seed=3)
 
 
+def test_re2_mvit_mlp_branches_in_pieces_gradients_equal_whole_vanilla(monkeypatch):
+    """The MLP branches run frame by frame of the token grid (piece_size 1), the class-token
+    frame a piece of its own; attention (global) whole; drop path on."""
+    from test_backbones import record_pieces
+
+    seen = record_pieces(monkeypatch)
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="mvit_v2_s", reversible=True, depths=[2, 2, 1, 1], piece_size=1,
+                                          **{**MVIT_SMALL, "drop_path": 0.3})).train()
+    grads_match(model, torch.randn(2, 3, 8, 64, 64), seed=3)
+    assert {(1, 0, 1, 5), (1, 4, 1, 5)} <= set(seen)
+
+
 def test_re2_mvit_keeps_no_block_activations_and_checkpointing_keeps_gradients():
     # depth of stage 1, which has the most tokens
     kept = kept_by_depth(torch.randn(1, 3, 8, 64, 64), lambda depth: [depth, 1, 1, 1], name="mvit_v2_s", **MVIT_SMALL)
