@@ -169,7 +169,7 @@ def load_state(model: Backbone, state: dict[str, Tensor], url: str) -> list[str]
 # how the model runs
 
 
-def apply_reversible(model: Backbone, fp32_streams: bool = True, piece_size: int = 0) -> None:
+def apply_reversible(model: Backbone, fp32_streams: bool = True, piece_size: int | None = 0) -> None:
     """Rewire every residual stage into a reversible RevStage (Re²): a stage's leading blocks
     that change shape run ordinarily (checkpointed; `model.reversible_lead` may change their form,
     e.g. SlowFast's as the authors' Re²SlowFast), post-activation blocks go through ReLU-in;

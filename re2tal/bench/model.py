@@ -5,7 +5,9 @@ LayerNorm -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> DropPath(0.1), input (1, 
 like Swin stage-1 tokens of a T x S x S clip, requiring grad as inside a network) or a backbone
 (`--backbone NAME`: standard = NAME, checkpoint = NAME with per-block activation checkpointing,
 reversible = its Re² version; input (1, 3, T, S, S)). Modes: standard, checkpoint, reversible, and
-reversible_lowp (reversible with the streams in the compute precision instead of fp32).
+reversible_lowp (reversible with the streams in the compute precision instead of fp32). The
+backbone's config is its default, so reversible functions run in the device's default pieces
+(`backbone.piece_size`; `config.piece_size` in the JSON).
 
 `--frames` takes a comma list (e.g. 32,64,96): every frame count is run, `by_frames` holds
 `{T: {mode: result}}` and, for one T, `modes` its results; `bench memory` also draws the memory
@@ -38,6 +40,7 @@ step_relative_to_standard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -53,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from re2tal.errors import BadInput
-from re2tal.rev import RevStage
+from re2tal.rev import Pieces, RevStage
 from re2tal.planning.memory import SavedTensors  # noqa: F401  (the counter this bench reports; tests import it here)
 
 MODES = ("standard", "checkpoint", "reversible", "reversible_lowp")
@@ -170,20 +173,25 @@ def bench_spec(args: argparse.Namespace, kind: str, frames: int) -> dict[str, An
         spec.update(stage_blocks=args.stage_blocks, width=args.width, drop_path=DROP_PATH,
                     input_shape=[1, frames // 2, args.size // 4, args.size // 4, args.width])
     else:
+        from re2tal.rev.pieces import default_piece_size
+
         cfg = _backbone_config(args.backbone, "standard")  # the backbone pads odd sizes itself
-        spec.update(input_shape=[1, 3, frames, args.size, args.size], drop_path=cfg.drop_path)
+        piece_size = default_piece_size(torch.device(device).type) if cfg.piece_size is None else cfg.piece_size
+        spec.update(input_shape=[1, 3, frames, args.size, args.size], drop_path=cfg.drop_path, piece_size=piece_size)
     return spec
 
 
-def _backbone_config(name: str, mode: str):
+def _backbone_config(name: str, mode: str, piece_size: int | None = None):
+    """The backbone's config in a mode (piece_size None: the config's default)."""
     from pydantic import ValidationError
 
     from re2tal.config import BackboneConfig, format_error
 
+    extra = {} if piece_size is None else {"piece_size": piece_size}
     try:
         return BackboneConfig(name=name, reversible=mode.startswith("reversible"),
                               activation_checkpointing=mode == "checkpoint",
-                              fp32_streams=mode != "reversible_lowp")
+                              fp32_streams=mode != "reversible_lowp", **extra)
     except ValidationError as err:
         raise BadInput(f"--backbone: {format_error(err)}") from None
 
@@ -224,7 +232,7 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Tensor]:
     else:
         from re2tal.backbones import build_backbone
 
-        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"]))
+        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], spec.get("piece_size")))
         x = torch.randn(spec["input_shape"], device=device)
     return model.to(device).train(), x
 
@@ -330,13 +338,16 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def predict_memory(spec: dict[str, Any]) -> dict[str, int]:
-    """`re2tal plan`'s count of this mode's step: the same backbone on the meta device."""
+    """`re2tal plan`'s count of this mode's step: the same backbone on the meta device, with the
+    pieces the real device would use."""
     from re2tal.backbones import build_backbone
     from re2tal.planning.plan import measure_step
+    from re2tal.rev.pieces import default_piece_size
 
-    with torch.device("meta"):
-        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"])).train()
     device_type = "cuda" if spec["device"].startswith("cuda") else "cpu"
+    piece_size = default_piece_size(device_type) if spec.get("piece_size") is None else spec["piece_size"]
+    with torch.device("meta"):
+        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], piece_size)).train()
     step = measure_step(model, spec["input_shape"], torch.float32, device_type, keep_grads=True)
     return {"predicted_activation_bytes": step.activations_backbone, "predicted_peak_tensor_bytes": step.peak}
 
@@ -424,7 +435,7 @@ class InputLog:
 
 
 class _Recorded(nn.Module):
-    """A block whose residual functions log their inputs."""
+    """A block whose residual functions log their inputs (per piece: keyed by its start)."""
 
     def __init__(self, block: nn.Module, log: InputLog, key: Any):
         super().__init__()
@@ -433,10 +444,23 @@ class _Recorded(nn.Module):
     def residual_fns(self) -> list[Callable[[Tensor], Tensor]]:
         return [self._logged(fn, (*self.key, k)) for k, fn in enumerate(self.block.residual_fns())]
 
+    def residual_pieces(self) -> list[Pieces | None]:
+        fns = self.block.residual_fns()
+        declared = getattr(self.block, "residual_pieces", None)
+        pieces = list(declared()) if callable(declared) else [None] * len(fns)
+        return [None if p is None else dataclasses.replace(p, at=self._logged_piece(p, fn, (*self.key, k)))
+                for k, (p, fn) in enumerate(zip(pieces, fns))]
+
     def _logged(self, fn: Callable[[Tensor], Tensor], key: Any) -> Callable[[Tensor], Tensor]:
         def run(x: Tensor) -> Tensor:
-            self.log.record(key, x)
+            self.log.record((*key, 0), x)
             return fn(x)
+        return run
+
+    def _logged_piece(self, pieces: Pieces, fn: Callable[[Tensor], Tensor], key: Any) -> Callable[[Tensor, int, int], Tensor]:
+        def run(x: Tensor, start: int, size: int) -> Tensor:
+            self.log.record((*key, start), x)
+            return pieces.call(fn, x, start, size)
         return run
 
 

@@ -51,6 +51,7 @@ from re2tal.config import Config
 from re2tal.errors import BadInput
 from re2tal.training.optim import param_groups
 from re2tal.planning.zero_layout import DTYPES, zero_memory
+from re2tal.rev.pieces import default_piece_size
 
 MODES = ("standard", "checkpoint", "reversible")
 GB = 2**30
@@ -91,10 +92,12 @@ def mode_of(cfg: Config) -> str:
     return "reversible" if cfg.backbone.reversible else "checkpoint" if cfg.backbone.activation_checkpointing else "standard"
 
 
-def with_mode(cfg: Config, mode: str) -> Config:
-    """cfg with the backbone run in `mode`, without pretrained weights (the plan reads none)."""
-    backbone = cfg.backbone.model_copy(update={"reversible": mode == "reversible",
-                                               "activation_checkpointing": mode == "checkpoint", "pretrained": None})
+def with_mode(cfg: Config, mode: str, device_type: str) -> Config:
+    """cfg with the backbone run in `mode`, without pretrained weights (the plan reads none), its
+    reversible pieces the size they would have on `device_type` (the meta device has no default)."""
+    piece_size = default_piece_size(device_type) if cfg.backbone.piece_size is None else cfg.backbone.piece_size
+    backbone = cfg.backbone.model_copy(update={"reversible": mode == "reversible", "activation_checkpointing": mode == "checkpoint",
+                                               "pretrained": None, "piece_size": piece_size})
     return cfg.model_copy(update={"backbone": backbone})
 
 
@@ -111,7 +114,7 @@ class Planner:
         self.steps: dict[tuple[str, int], StepMemory] = {}
         self.layouts: dict = {}  # meta-kernel output layouts, shared by all evaluations
         with torch.device("meta"):
-            model = build_model(with_mode(cfg, "standard"))
+            model = build_model(with_mode(cfg, "standard", self.device_type))
         groups, other, buffer_bytes = optimizer_groups(model, cfg)
         ds = cfg.deepspeed
         self.zero = max((zero_memory(groups, other, buffer_bytes, ds.precision, ds.zero_stage, self.world, r, ds.offload_optimizer)
@@ -121,7 +124,7 @@ class Planner:
     def model(self, mode: str) -> nn.Module:
         if mode not in self.models:
             with torch.device("meta"):
-                model = self.build_model(with_mode(self.cfg, mode))
+                model = self.build_model(with_mode(self.cfg, mode, self.device_type))
             self.models[mode] = model.to(self.dtype).train()
         return self.models[mode]
 
@@ -302,7 +305,9 @@ def make_plan(cfg: Config, build_model: Callable[[Config], nn.Module], gpu_memor
     d, ds = cfg.data, cfg.deepspeed
     config = {"backbone": cfg.backbone.name, "mode": mode_of(cfg), "device": planner.device_type, "workers": planner.world,
               "batch_size": d.batch_size, "num_frames": d.num_frames, "frame_size": d.frame_size, "precision": ds.precision,
-              "zero_stage": ds.zero_stage, "parameters": planner.parameter_count, "temporal_stride": cfg.backbone.temporal_stride}
+              "zero_stage": ds.zero_stage, "parameters": planner.parameter_count, "temporal_stride": cfg.backbone.temporal_stride,
+              "piece_size": with_mode(cfg, "reversible", planner.device_type).backbone.piece_size,
+              "fp32_streams": cfg.backbone.fp32_streams}
     return Plan(config=config, modes=out, gpu_memory_gb=gpu_memory_gb, seconds=time.perf_counter() - started)
 
 
@@ -335,8 +340,11 @@ def format_plan(plan: Plan) -> str:
     c = plan.config
     modes = list(plan.modes.values())
     width = 14
+    pieces = f"pieces of {c['piece_size']:,} elements" if c["piece_size"] else "no pieces"
+    streams = "fp32" if c["fp32_streams"] else "compute-precision"
     lines = [f"{c['backbone']} ({c['mode']} configured), {c['workers']} worker(s) on {c['device']}, batch {c['batch_size']} x "
              f"{c['num_frames']} frames x {c['frame_size']}^2, {c['precision']}, ZeRO-{c['zero_stage']}: per worker, GB (2^30 bytes)",
+             f"reversible: {streams} streams, local residual functions in {pieces} (backbone.piece_size)",
              f"{'':<24}" + "".join(f"{m.mode:>{width}}" for m in modes)]
     for label, key in ROWS:
         lines.append(f"{label:<24}" + "".join(f"{getattr(m, key) / GB:>{width}.2f}" for m in modes))

@@ -32,6 +32,18 @@ from torch import Tensor
 
 PieceFn = Callable[[Tensor, int, int], Tensor]
 
+# Elements of the stage tensor per piece when a stage is not told (piece_size None), by device:
+# on a GPU, pieces much smaller than this leave its kernels launch-bound (an MLP branch piece is
+# a few GEMMs of piece / C tokens); a CPU computes them at full speed, so its pieces are smaller
+# (and so its transient).
+PIECE_SIZE = {"cuda": 2**24}
+PIECE_SIZE_OTHER = 2**20
+
+
+def default_piece_size(device_type: str) -> int:
+    """Elements per piece on a device of this type when a stage is not told."""
+    return PIECE_SIZE.get(device_type, PIECE_SIZE_OTHER)
+
 
 @dataclass(frozen=True)
 class Pieces:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from re2tal.rev.pieces import Pieces
+from re2tal.rev.pieces import Pieces, default_piece_size
 
 ResidualFn = Callable[[Tensor], Tensor]
 
@@ -59,7 +59,8 @@ class RevStage(nn.Module):
     piece_size: a residual function whose block declares it local along a dimension
     (`residual_pieces()`, see re2tal.rev.pieces) runs in pieces of at most this many elements of
     the stage tensor (whole windows / samples as the declaration allows), in the forward and the
-    backward; 0 runs every function whole. The vanilla path runs them whole.
+    backward; 0 runs every function whole, None takes the input device's default
+    (`default_piece_size`). The vanilla path runs them whole.
 
     Memory: kept for backward are the leading blocks' input, the output y and b_n
     (a_n = 2 y - b_n), or a_n and b_n when y is in a lower precision than the streams; so a next
@@ -75,7 +76,7 @@ class RevStage(nn.Module):
     """
 
     def __init__(self, blocks: Sequence[nn.Module] | Mapping[str, nn.Module], *, lead: int = 0, fp32_streams: bool = True,
-                 piece_size: int = 0):
+                 piece_size: int | None = 0):
         super().__init__()
         named = list(blocks.items()) if isinstance(blocks, Mapping) else [(str(i), b) for i, b in enumerate(blocks)]
         if not 0 <= lead < len(named):
@@ -86,7 +87,7 @@ class RevStage(nn.Module):
             self.add_module(name, block)
         self.lead = lead
         self.fp32_streams = fp32_streams
-        if piece_size < 0:
+        if piece_size is not None and piece_size < 0:
             raise ValueError(f"RevStage: piece_size must be >= 0, got {piece_size}")
         self.piece_size = piece_size
         self.vanilla = False
@@ -123,7 +124,7 @@ class RevStage(nn.Module):
         spec = _Precision.of(x, self.fp32_streams)
         seed = _draw_seed() if self.training else None
         rev = self.reversible_blocks()
-        piece_size = 0 if self.vanilla else self.piece_size
+        piece_size = 0 if self.vanilla else default_piece_size(x.device.type) if self.piece_size is None else self.piece_size
         steps = [_Step.of(fn, block, pieces, x.shape, piece_size) for block in rev for fn, pieces in zip(block.residual_fns(), _pieces_of(block))]
         if self.vanilla:
             return spec.output(*_streams(steps, x, spec, seed))
