@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "slowfast_r101 at 96-768 frames next to re2tal plan's prediction, and 20 steps of the debug config "
                                      "on the GPU. Writes DIR/gpu.json and DIR/gpu_memory.png; exit 2 without a GPU.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default), or cpu: a dry run of the same checks at tiny sizes, in seconds")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

@@ -46,13 +46,16 @@ def profiled_peak(step) -> int:
     return peak
 
 
-@pytest.mark.parametrize("backbone,mode", [("swin_t", "standard"), ("swin_t", "reversible"),
-                                           ("slowfast_r50", "standard"), ("slowfast_r50", "reversible")])
-def test_plan_counts_what_a_real_cpu_step_keeps_and_peaks_at(backbone, mode):
+@pytest.mark.parametrize("backbone,mode,piece_size", [("swin_t", "standard", None), ("swin_t", "reversible", 0),
+                                                      ("swin_t", "reversible", 2**14), ("slowfast_r50", "standard", None),
+                                                      ("slowfast_r50", "reversible", None)])
+def test_plan_counts_what_a_real_cpu_step_keeps_and_peaks_at(backbone, mode, piece_size):
     """Activations: bench memory's saved-tensor count of a real step, within 2%; peak: the
-    profiler's high-water mark of live tensors of a real step, within 10%."""
-    shape = (1, 3, 16, 64, 64)
-    spec = {"seed": 0, "device": "cpu", "backbone": backbone, "mode": mode, "input_shape": list(shape)}
+    profiler's high-water mark of live tensors of a real step, within 10%; for Re²Swin with whole
+    functions and in pieces (2^14 elements: a frame of the MLP branches, a window group of 8
+    frames of attention, 16 frames cut at 8, shifted at 4 and 12), whose peak is far lower."""
+    shape = (1, 3, 32 if piece_size else 16, 64, 64)
+    spec = {"seed": 0, "device": "cpu", "backbone": backbone, "mode": mode, "input_shape": list(shape), "piece_size": piece_size}
     model, x = build_model(spec)
     runner = Runner(model, x, "fp32")
     runner.step()  # shape caches, lazy initialisation
@@ -71,6 +74,34 @@ def test_plan_counts_what_a_real_cpu_step_keeps_and_peaks_at(backbone, mode):
     predicted = measure_step(meta_model, shape, torch.float32, "cpu", keep_grads=True)
     assert abs(predicted.activations_backbone - counter.total_bytes) <= 0.02 * counter.total_bytes
     assert abs(predicted.peak - measured_peak) <= 0.10 * measured_peak, (predicted.peak, measured_peak)
+    if piece_size:
+        with torch.device("meta"):
+            whole, _ = build_model({**spec, "device": "meta", "piece_size": 0})
+        assert predicted.peak < 0.8 * measure_step(whole, shape, torch.float32, "cpu", keep_grads=True).peak
+
+
+def test_plan_runs_one_mvit_attention_call_of_each_shape_and_counts_what_all_would():
+    """On the meta device QueryChunks runs one query chunk of each length (the plan of MViT at 768
+    frames has thousands of identical ones): the same bytes as running them all."""
+    from re2tal.backbones import mvit
+    from re2tal.backbones.build import build_backbone
+    from re2tal.config import BackboneConfig
+
+    shape = (1, 3, 32, 32, 32)
+    with torch.device("meta"):
+        model = build_backbone(BackboneConfig(name="mvit_v2_s", reversible=True, depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 2, 4, 8]))
+    model.train()
+    all_chunks = mvit.query_chunks
+    counts = {}
+    try:
+        mvit.ATTN_CALL_ELEMENTS, saved = 1000, mvit.ATTN_CALL_ELEMENTS  # stage 1: 18 chunks of 58 queries, one of 38
+        assert len(mvit.query_chunks(1024, 58, torch.device("meta"))) == 2
+        grouped = measure_step(model, shape, torch.float32, "cpu", keep_grads=True)
+        mvit.query_chunks = lambda n, per_call, device: all_chunks(n, per_call, torch.device("cpu"))
+        every = measure_step(model, shape, torch.float32, "cpu", keep_grads=True)
+    finally:
+        mvit.query_chunks, mvit.ATTN_CALL_ELEMENTS = all_chunks, saved
+    assert grouped == every
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +232,23 @@ def test_train_announces_the_prediction_before_launch(capsys):
     gb = announce_prediction(load_config(DEBUG), build_localizer)
     out = capsys.readouterr().out
     assert 0 < gb < 2 and f"predicted peak memory per worker: {gb:.2f} GB" in out
+
+
+def test_bench_gpu_dry_run_on_the_cpu_runs_every_section(tmp_path):
+    """`bench gpu --device cpu`: the GPU script end to end at tiny sizes, every section without an
+    error, the memory sweep measured and predicted for every backbone, mode and frame count."""
+    proc = subprocess.run([sys.executable, "-m", "re2tal.cli", "bench", "gpu", "--device", "cpu", "--out", str(tmp_path / "gpu")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    assert report["device"] == "cpu (dry run)"
+    assert all("error" not in report[k] and "skipped" not in report[k] for k in ("torchvision", "reversible_gradients", "debug_training", "memory"))
+    assert report["torchvision"]["fp32_max_relative_error"] < 1e-4
+    assert all(r["grad_error"] < 1e-4 for k, r in report["reversible_gradients"].items() if k.endswith("_fp32"))
+    assert report["debug_training"]["step"] > 0
+    runs = report["memory"]["runs"]
+    assert len(runs) == 2 * 3 * 2 and all(r["peak_gb"] > 0 and r["predicted_peak_gb"] > 0 for r in runs)
+    assert (tmp_path / "gpu" / "gpu_memory.png").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -316,8 +316,9 @@ def test_mvit_frozen_stages():
 
 
 def test_mvit_long_clip_attends_in_bounded_calls(monkeypatch):
-    """A clip past one attention call's budget is split into groups of queries, each call
-    checkpointed: same features and gradients, and the calls' biases are not kept for backward."""
+    """A clip past one attention call's budget is split into groups of queries (a ragged last
+    one), each call recomputed in backward: same features and gradients, and the calls' biases
+    are not kept for backward."""
     from re2tal.backbones import mvit
 
     torch.manual_seed(0)

@@ -32,9 +32,9 @@ any grid; ours derive the grid from the input, so any T and H, W work.
 Attention is global within a block: a query attends every (pooled) key of the whole clip, so
 its cost grows with T^2 (at 224 px, stage 1 has T' * 3136 queries and T' * 49 keys per head).
 It runs through `F.scaled_dot_product_attention` with the decomposed relative position bias as
-its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (groups of queries), each
-checkpointed when there is more than one: the (N_q, N_k) bias never exists whole, in the forward
-or the backward. Kept per block are q, k, v and the three bias terms (B, heads, N_q, T' + H' + W'),
+its additive mask, in calls of at most ATTN_CALL_ELEMENTS bias elements (groups of queries),
+recomputed in backward when there is more than one (`QueryChunks`): the (N_q, N_k) bias never
+exists whole, in the forward or the backward. Kept per block are q, k, v and the three bias terms (B, heads, N_q, T' + H' + W'),
 of which the temporal one, N_q x T', still grows with T^2; time grows with T^2 too.
 """
 
@@ -48,7 +48,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import MLP, StochasticDepth
 
 from re2tal.backbones.base import Backbone, init_linears
@@ -153,8 +152,9 @@ class MultiscaleAttention(nn.Module):
         """softmax(q k^T / sqrt(d) + bias) v + q for the patch queries, (B, heads, N_q, d), in calls of
         at most ATTN_CALL_ELEMENTS bias elements. bias[(t, h, w), (t', h', w')] = q . (Rt[t, t'] +
         Rh[h, h'] + Rw[w, w']), 0 for the class token key; the three terms are (B, heads, N_q, k_*).
-        With more than one call and grads on, each call is checkpointed: its bias is rebuilt in
-        backward instead of kept (kept, every call's would add up to the whole (N_q, N_k) bias)."""
+        With more than one call and grads on, the calls run in `QueryChunks`: each call's bias is
+        rebuilt in backward instead of kept (kept, every call's would add up to the whole
+        (N_q, N_k) bias)."""
         b, heads, _, d = q.shape
         (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
         r_q = q[:, :, 1:].reshape(b, heads, qt, qh, qw, d)
@@ -162,13 +162,9 @@ class MultiscaleAttention(nn.Module):
                  for axis, table, nq, nk in (("t", self.rel_pos_t, qt, kt), ("h", self.rel_pos_h, qh, kh), ("w", self.rel_pos_w, qw, kw))]
         n_q = qt * qh * qw
         per_call = max(1, ATTN_CALL_ELEMENTS // (b * heads * (1 + kt * kh * kw)))
-        checkpoint_calls = per_call < n_q and torch.is_grad_enabled()
-        outs = []
-        for start in range(0, n_q, per_call):
-            sl = slice(start, start + per_call)
-            args = (q[:, :, 1:][:, :, sl], k, v, *(term[:, :, sl] for term in terms))
-            outs.append(checkpoint(attend_call, *args, use_reentrant=False) if checkpoint_calls else attend_call(*args))
-        return torch.cat(outs, 2)
+        if per_call >= n_q:
+            return attend_call(q[:, :, 1:], k, v, *terms)
+        return QueryChunks.apply(q[:, :, 1:], k, v, *terms, per_call)
 
 
 def attend_call(q: Tensor, k: Tensor, v: Tensor, rel_t: Tensor, rel_h: Tensor, rel_w: Tensor) -> Tensor:
@@ -181,6 +177,56 @@ def attend_call(q: Tensor, k: Tensor, v: Tensor, rel_t: Tensor, rel_h: Tensor, r
     # kernel needs of a mask (else it pads a copy itself)
     mask = F.pad(bias.flatten(3), (1, (-1 - n_k) % 16))[..., :1 + n_k]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)) + q
+
+
+def query_chunks(n: int, per_call: int, device: torch.device) -> list[slice]:
+    """Consecutive chunks of at most per_call of n queries. On the meta device (`re2tal plan`),
+    chunks of the same length allocate and free alike, so one of each length stands for all."""
+    chunks = [slice(start, min(start + per_call, n)) for start in range(0, n, per_call)]
+    if device.type == "meta":
+        chunks = list({c.stop - c.start: c for c in chunks}.values())
+    return chunks
+
+
+class QueryChunks(torch.autograd.Function):
+    """`attend_call` on chunks of queries: out[:, :, c] = attend_call(q[:, :, c], k, v, rel_t[:, :, c],
+    rel_h[:, :, c], rel_w[:, :, c]) for the chunks c of `per_call` queries, the inputs kept; the
+    backward recomputes each chunk and back-propagates it: dq, drel_* chunk by chunk, dk, dv summed.
+    One chunk's bias and attention temporaries exist at a time, forward or backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel_t: Tensor, rel_h: Tensor, rel_w: Tensor, per_call: int) -> Tensor:
+        ctx.save_for_backward(q, k, v, rel_t, rel_h, rel_w)
+        ctx.per_call = per_call
+        out = q.new_empty(q.shape)
+        for c in query_chunks(q.shape[2], per_call, q.device):
+            out[:, :, c] = attend_call(q[:, :, c], k, v, rel_t[:, :, c], rel_h[:, :, c], rel_w[:, :, c])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, *rel = ctx.saved_tensors
+        per_query = [q, *rel]  # chunked along the queries; k, v whole
+        need = ctx.needs_input_grad
+        d_per_query = [t.new_empty(t.shape) if need[i] else None for i, t in zip((0, 3, 4, 5), per_query)]
+        dk = dv = None
+        for c in query_chunks(q.shape[2], ctx.per_call, q.device):
+            inputs = [t[:, :, c].detach().requires_grad_(need[i]) for i, t in zip((0, 3, 4, 5), per_query)]
+            kc, vc = k.detach().requires_grad_(need[1]), v.detach().requires_grad_(need[2])
+            with torch.enable_grad():
+                out = attend_call(inputs[0], kc, vc, *inputs[1:])
+            wrt = [t for t in (inputs[0], kc, vc, *inputs[1:]) if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wrt, grad[:, :, c]))
+            dq_c = next(grads) if need[0] else None
+            dk_c = next(grads) if need[1] else None
+            dv_c = next(grads) if need[2] else None
+            for d, g in zip(d_per_query, [dq_c, *grads]):
+                if d is not None:
+                    d[:, :, c] = g
+            dk = dk_c if dk is None else dk.add_(dk_c) if dk_c is not None else dk
+            dv = dv_c if dv is None else dv.add_(dv_c) if dv_c is not None else dv
+        dq, drt, drh, drw = d_per_query
+        return dq, dk, dv, drt, drh, drw, None
 
 
 class MultiscaleBlock(nn.Module):

@@ -181,13 +181,14 @@ def bench_spec(args: argparse.Namespace, kind: str, frames: int) -> dict[str, An
     return spec
 
 
-def _backbone_config(name: str, mode: str, piece_size: int | None = None):
-    """The backbone's config in a mode (piece_size None: the config's default)."""
+def _backbone_config(name: str, mode: str, piece_size: int | None = None, overrides: dict[str, Any] | None = None):
+    """The backbone's config in a mode (piece_size None: the config's default), with other keys
+    set by `overrides` (e.g. reduced sizes)."""
     from pydantic import ValidationError
 
     from re2tal.config import BackboneConfig, format_error
 
-    extra = {} if piece_size is None else {"piece_size": piece_size}
+    extra = dict(overrides or {}) | ({} if piece_size is None else {"piece_size": piece_size})
     try:
         return BackboneConfig(name=name, reversible=mode.startswith("reversible"),
                               activation_checkpointing=mode == "checkpoint",
@@ -232,7 +233,7 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Tensor]:
     else:
         from re2tal.backbones import build_backbone
 
-        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], spec.get("piece_size")))
+        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], spec.get("piece_size"), spec.get("overrides")))
         x = torch.randn(spec["input_shape"], device=device)
     return model.to(device).train(), x
 
@@ -345,9 +346,10 @@ def predict_memory(spec: dict[str, Any]) -> dict[str, int]:
     from re2tal.rev.pieces import default_piece_size
 
     device_type = "cuda" if spec["device"].startswith("cuda") else "cpu"
-    piece_size = default_piece_size(device_type) if spec.get("piece_size") is None else spec["piece_size"]
+    piece_size = spec.get("piece_size", (spec.get("overrides") or {}).get("piece_size"))
+    piece_size = default_piece_size(device_type) if piece_size is None else piece_size
     with torch.device("meta"):
-        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], piece_size)).train()
+        model = build_backbone(_backbone_config(spec["backbone"], spec["mode"], piece_size, spec.get("overrides"))).train()
     step = measure_step(model, spec["input_shape"], torch.float32, device_type, keep_grads=True)
     return {"predicted_activation_bytes": step.activations_backbone, "predicted_peak_tensor_bytes": step.peak}
 
@@ -418,15 +420,15 @@ def max_relative_error(got: list[Tensor], want: list[Tensor]) -> float:
 
 
 class InputLog:
-    """Inputs of each residual function as seen in the forward (grad disabled) and in the
-    backward's recomputation (grad enabled)."""
+    """Inputs of each residual function (piece) as seen in the forward (its first call) and in the
+    backward's recomputation (the next)."""
 
     def __init__(self):
         self.forward: dict[Any, Tensor] = {}
         self.recomputed: dict[Any, Tensor] = {}
 
     def record(self, key: Any, x: Tensor) -> None:
-        (self.recomputed if torch.is_grad_enabled() else self.forward)[key] = x.detach().float().clone()
+        (self.recomputed if key in self.forward else self.forward)[key] = x.detach().float().clone()
 
     def max_relative_error(self) -> float:
         """max over residual functions of max|recomputed - forward| / max|forward|."""

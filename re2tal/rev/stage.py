@@ -212,13 +212,18 @@ class _Step:
         return self.fn(x) if span is None else self.pieces.call(self.fn, x, span[0], size)
 
 
-def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | None) -> tuple[Tensor, Tensor]:
+def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | None, like_backward: bool = False) -> tuple[Tensor, Tensor]:
     """(a_n, b_n) from a_0 = b_0 = x by (a, b) -> (b, a + F_i(b)).
 
     With grad (the vanilla path) through plain autograd, F_i whole. Without grad, F_i piece by
     piece, and from step 2 on a_i = a_{i-1} + F_i is written into a_{i-1}'s buffer (made here,
     no longer needed): two stream buffers for the whole stage instead of one per step plus a
-    stream-dtype copy of F_i's output (the sum promotes it). Steps 0 and 1 read x's buffer."""
+    stream-dtype copy of F_i's output (the sum promotes it). Steps 0 and 1 read x's buffer.
+
+    like_backward: F_i runs as the backward will recompute it, with grad on and its input
+    requiring grad (the graph dropped at once), so that kernels which depend on that (CPU
+    attention: flash without grad, math with a mask that requires grad) compute the same bits
+    and the backward reconstructs the streams exactly, in low precision too."""
     a = b = x.to(spec.stream)
     with _rng_substreams(spec.device, seed) as select:
         for i, step in enumerate(steps):
@@ -230,11 +235,20 @@ def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | No
             size = x.shape[step.pieces.dim] if step.pieces is not None else 0
             for span in step.spans:
                 select(i)
-                f = step.run(spec.fn_input(step.piece(b, span)), span, size)
+                bp = step.piece(b, span)
+                if like_backward:  # (the saved-tensor hooks of whoever watches the forward must not see this graph)
+                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                        f = step.run(spec.fn_input(bp.detach().requires_grad_()), span, size).detach()
+                else:
+                    f = step.run(spec.fn_input(bp), span, size)
                 torch.add(step.piece(a, span), _addend(f, spec.stream), out=step.piece(new, span))
                 del f
             a, b = b, new
     return a, b
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _addend(f: Tensor, stream: torch.dtype) -> Tensor:
@@ -274,7 +288,7 @@ class _RevFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, anchor: Tensor | None, blocks: list[nn.Module], steps: list[_Step],
                 spec: _Precision, seed: int | None) -> Tensor:
-        a, b = _streams(steps, x, spec, seed)
+        a, b = _streams(steps, x, spec, seed, like_backward=True)
         y = spec.output(a, b)
         # Any two of (a_n, b_n, y) determine the third. y exists anyway and the next layer often
         # keeps it too (a LayerNorm, a checkpointed patch merging): keeping (y, b_n) then costs
