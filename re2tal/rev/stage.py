@@ -237,7 +237,7 @@ def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | No
                 select(i)
                 bp = step.piece(b, span)
                 if like_backward:  # (the saved-tensor hooks of whoever watches the forward must not see this graph)
-                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _same):
                         f = step.run(spec.fn_input(bp.detach().requires_grad_()), span, size).detach()
                 else:
                     f = step.run(spec.fn_input(bp), span, size)
@@ -249,6 +249,12 @@ def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | No
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _detached(t: Tensor) -> Tensor:
+    """A pack hook for a graph that is never run backward: keeping a saved output with its
+    grad_fn would make a reference cycle that outlives the graph."""
+    return t.detach()
 
 
 def _addend(f: Tensor, stream: torch.dtype) -> Tensor:
