@@ -312,6 +312,27 @@ def test_re2_swin_in_pieces_gradients_equal_whole_vanilla(monkeypatch):
     assert rel(xr, xv) <= 1e-4 and max(rel(pr[k], pv[k]) for k in pv) <= 1e-4
 
 
+@pytest.mark.parametrize("name, sizes", [("swin_t", SMALL), ("slowfast_r50", {"depths": [1, 2, 1, 1]})])
+def test_re2_runs_the_layers_between_its_stages_checkpointed(name, sizes):
+    """Patch embedding and merges (Swin), stems (SlowFast) keep only their inputs in a Re² model:
+    same keys, output and gradients as with them run plainly, and fewer bytes kept."""
+    from re2tal.backbones.build import CheckpointedForward
+
+    torch.manual_seed(0)
+    model = build_backbone(cfg(name=name, reversible=True, **sizes)).train()
+    assert model.transitions() and all(isinstance(model.get_submodule(n).forward, CheckpointedForward) for n in model.transitions())
+    x = torch.randn(2, 3, 8, 64, 64)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    got, kept = loss_grads(model, x), saved_bytes(model, x.clone())
+    for n in model.transitions():
+        del model.get_submodule(n).forward  # the class's own forward again
+    model.load_state_dict(initial)
+    want, kept_plain = loss_grads(model, x), saved_bytes(model, x.clone())
+    assert list(model.state_dict()) == list(initial)
+    assert torch.equal(got[0], want[0]) and rel(got[1], want[1]) <= 1e-6 and max(rel(got[2][k], want[2][k]) for k in want[2]) <= 1e-6
+    assert kept < kept_plain
+
+
 def test_checkpointing_gives_standard_gradients():
     torch.manual_seed(0)
     std = build_backbone(cfg(name="pst_t", drop_path=0.3, **PST_SMALL)).train()

@@ -88,6 +88,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         part: by default unchanged."""
         return block
 
+    def transitions(self) -> list[str]:
+        """Names of the layers between residual stages that change shape (stems, patch embedding and
+        merging, fusions): a Re² model runs them checkpointed, keeping only their inputs."""
+        return []
+
     @abstractmethod
     def frozen_modules(self, stages: int) -> list[str]:
         """Names of the submodules frozen by `frozen_stages = stages` (0: the stem only)."""

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import pickle
 from collections import OrderedDict
+from types import MethodType
 
 import torch
 from torch import Tensor, nn
@@ -172,9 +173,11 @@ def load_state(model: Backbone, state: dict[str, Tensor], url: str) -> list[str]
 def apply_reversible(model: Backbone, fp32_streams: bool = True, piece_size: int | None = 0) -> None:
     """Rewire every residual stage into a reversible RevStage (Re²): a stage's leading blocks
     that change shape run ordinarily (checkpointed; `model.reversible_lead` may change their form,
-    e.g. SlowFast's as the authors' Re²SlowFast), post-activation blocks go through ReLU-in;
-    stems, patch embedding / merging and fusions are untouched. Parameters and state-dict keys
-    are unchanged. piece_size: see RevStage (functions local along a dimension run in pieces)."""
+    e.g. SlowFast's as the authors' Re²SlowFast), post-activation blocks go through ReLU-in; the
+    layers between stages (`model.transitions()`: stems, patch embedding / merging, fusions) run
+    checkpointed too, so what the model keeps is the streams and the inputs of what is not
+    reversible. Parameters and state-dict keys are unchanged. piece_size: see RevStage
+    (functions local along a dimension run in pieces)."""
     for parent, name, lead in model.residual_stages():
         stage = getattr(parent, name)
         if type(stage) is not nn.Sequential:
@@ -183,6 +186,29 @@ def apply_reversible(model: Backbone, fp32_streams: bool = True, piece_size: int
             blocks = {n: model.reversible_lead(b) if i < lead else model.reversible_block(b)
                       for i, (n, b) in enumerate(stage.named_children())}
             setattr(parent, name, RevStage(blocks, lead=lead, fp32_streams=fp32_streams, piece_size=piece_size))  # keeps the blocks' names
+    for name in model.transitions():
+        checkpoint_forward(model.get_submodule(name))
+
+
+def checkpoint_forward(module: nn.Module) -> None:
+    """Make `module` run its forward under `checkpointed` (only its inputs kept, BatchNorm
+    statistics updated once), in place: the forward is replaced on the instance, so the module,
+    its keys and its class stay as they are."""
+    module.forward = CheckpointedForward(module)
+
+
+class CheckpointedForward:
+    """A module's own forward run under `checkpointed` when grads are on (set as the instance's
+    `forward`; a plain class, so the module still deep-copies and pickles)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        forward = MethodType(type(self.module).forward, self.module)
+        if not torch.is_grad_enabled():
+            return forward(*inputs)
+        return checkpointed(forward, *inputs, modules=[self.module])
 
 
 class CheckpointedSequential(nn.Sequential):

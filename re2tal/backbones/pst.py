@@ -346,6 +346,9 @@ class PatchShiftTransformer(Backbone):
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         return [(layer, "blocks", 0) for layer in self.layers]
 
+    def transitions(self) -> list[str]:
+        return ["patch_embed"] + [f"layers.{s}.downsample" for s, layer in enumerate(self.layers) if layer.downsample is not None]
+
     def frozen_modules(self, stages: int) -> list[str]:
         # stage s = layers[s]: its blocks and the patch merging after them, as their _freeze_stages
         return ["patch_embed"] + [f"layers.{i}" for i in range(min(stages, len(self.layers)))]

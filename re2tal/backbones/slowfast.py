@@ -252,6 +252,11 @@ class SlowFast(Backbone):
         """P(x) + ReLU(F(x)) for a stage's projecting first block, as the authors' Re²SlowFast."""
         return relu_in(block, "branch2", projection if block.branch1_conv is not None else None)
 
+    def transitions(self) -> list[str]:
+        # the stems; not the fusions: checkpointed, one would keep the slow features it only
+        # concatenates (it keeps the fast ones, its conv's output and its ReLU's)
+        return [f"blocks.0.multipathway_blocks.{p}" for p in range(2)]
+
     def frozen_modules(self, stages: int) -> list[str]:
         # stage s = blocks[s] with both pathways and the fusion after it; the stems are blocks[0]
         return [f"blocks.{i}" for i in range(min(stages, len(self.blocks) - 1) + 1)]

@@ -344,6 +344,9 @@ class SwinTransformer3d(Backbone):
     def residual_stages(self) -> list[tuple[nn.Module, str, int]]:
         return [(self.features, str(i), 0) for i in self.stage_blocks()]
 
+    def transitions(self) -> list[str]:
+        return ["patch_embed"] + [f"features.{i}" for i in range(1, len(self.features), 2)]
+
     def frozen_modules(self, stages: int) -> list[str]:
         # stage s = features[2 s] (blocks) + features[2 s + 1] (the merge after it, if any)
         return ["patch_embed"] + [f"features.{i}" for i in range(min(2 * stages, len(self.features)))]

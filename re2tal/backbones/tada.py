@@ -265,6 +265,9 @@ class TAda2D(Backbone):
     def reversible_block(self, block: nn.Module) -> nn.Module:
         return relu_in(block, "conv_branch", pieces=batch_pieces)
 
+    def transitions(self) -> list[str]:
+        return ["conv1"]
+
     def frozen_modules(self, stages: int) -> list[str]:
         return ["conv1"] + [f"conv{i + 2}" for i in range(min(stages, self.num_stages))]
 

@@ -69,6 +69,9 @@ class VideoResNet(Backbone):
     def reversible_block(self, block: nn.Module) -> nn.Module:
         return relu_in(block, branch, pieces=batch_pieces)
 
+    def transitions(self) -> list[str]:
+        return ["stem"]
+
     def frozen_modules(self, stages: int) -> list[str]:
         return ["stem"] + [f"layer{i + 1}" for i in range(min(stages, 4))]
 

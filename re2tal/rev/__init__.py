@@ -6,7 +6,7 @@
 - `Pieces(dim, borders, at)`: a residual function declared local along a dimension, run piece by
   piece in the reversible forward and backward (`re2tal.rev.pieces`).
 - `ReluIn` / `relu_in(block, branch)`: a post-activation block ReLU(x + F(x)) as x + ReLU(F(x)).
-- `checkpointed(module, x)`: activation checkpointing that updates BatchNorm statistics once.
+- `checkpointed(fn, *inputs)`: activation checkpointing that updates BatchNorm statistics once.
 """
 
 from re2tal.rev.pieces import Pieces

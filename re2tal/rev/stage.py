@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -403,7 +403,9 @@ def running_stats_kept(blocks: Sequence[nn.Module]) -> Iterator[None]:
                     buf.copy_(value)
 
 
-def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) keeping only x for backward: non-reentrant activation checkpointing (RNG
-    replayed), whose recomputation leaves the BatchNorm running statistics as the forward did."""
-    return checkpoint(module, x, use_reentrant=False, context_fn=lambda: (nullcontext(), running_stats_kept([module])))
+def checkpointed(fn: Callable[..., Any], *inputs: Tensor, modules: Sequence[nn.Module] | None = None) -> Any:
+    """fn(*inputs) keeping only the inputs for backward: non-reentrant activation checkpointing
+    (RNG replayed), whose recomputation leaves the BatchNorm running statistics of `modules`
+    (default: fn, a module) as the forward did."""
+    modules = [fn] if modules is None else modules
+    return checkpoint(fn, *inputs, use_reentrant=False, context_fn=lambda: (nullcontext(), running_stats_kept(modules)))
