@@ -57,16 +57,16 @@ class Sizes:
     debug_videos: int
     debug_frames: int = 64
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    parity_sizes: dict[str, Any] = field(default_factory=dict)  # Swin sizes of the torchvision check (default: swin3d_t)
 
 
 GPU_RUN = Sizes(frames=(96, 192, 384, 768), size=224, parity_frames=32, gradient_frames=32,
                 backbones={"swin_t": {}, "slowfast_r101": {}}, budget_s=430, debug_videos=32)  # the whole under 8 min
+SMALL_SWIN = {"embed_dim": 24, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": (8, 4, 4)}  # the debug config's
 CPU_DRY_RUN = Sizes(frames=(8, 16), size=32, parity_frames=8, gradient_frames=8,
-                    backbones={"swin_t": {"embed_dim": 24, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": (8, 4, 4),
-                                          "piece_size": 2**10},
-                               "slowfast_r101": {"depths": [1, 2, 2, 1], "norm_eval": True, "piece_size": 1}},
+                    backbones={"swin_t": {**SMALL_SWIN, "piece_size": 2**10}, "slowfast_r101": {"depths": [1, 2, 2, 1]}},
                     budget_s=120, debug_videos=6, debug_frames=16,
-                    train_overrides={"data.synth.duration_s": 10, "head.seq_len": 8, "head.fpn_levels": 2})
+                    train_overrides={"data.synth.duration_s": 10, "head.seq_len": 8, "head.fpn_levels": 2}, parity_sizes=SMALL_SWIN)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,14 +127,16 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def torchvision_parity(device: torch.device, sizes: Sizes) -> dict[str, float]:
-    from torchvision.models.video import swin3d_t
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
 
     from re2tal.backbones import build_backbone
     from re2tal.config import BackboneConfig
 
     torch.manual_seed(0)
-    ref = swin3d_t().eval()
-    ours = build_backbone(BackboneConfig(name="swin_t", reversible=False, drop_path=0.0)).eval()
+    ours = build_backbone(BackboneConfig(name="swin_t", reversible=False, drop_path=0.0, **sizes.parity_sizes)).eval()
+    c = BackboneConfig(name="swin_t", **sizes.parity_sizes)  # torchvision's swin3d_t at the default sizes
+    ref = SwinTransformer3d(patch_size=list(c.patch_size), embed_dim=c.embed_dim, depths=c.depths, num_heads=c.num_heads,
+                            window_size=list(c.window_size), stochastic_depth_prob=0.1).eval()
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("head.")})
     x = torch.randn(2, 3, sizes.parity_frames, sizes.size, sizes.size)
     out = {}
