@@ -81,6 +81,21 @@ def test_plan_counts_what_a_real_cpu_step_keeps_and_peaks_at(backbone, mode, pie
         assert chunked < 0.8 * measure_step(whole, shape, torch.float32, "cpu", keep_grads=False).transient
 
 
+def test_plan_runs_three_reversible_pieces_of_a_function_and_counts_what_all_would(monkeypatch):
+    """On the meta device a function in pieces runs its first two and its last: the same bytes as
+    running them all (48 frames: stage 1's MLP in 24 pieces, its shifted windows cut 4 times)."""
+    from re2tal.rev import stage
+
+    shape = (1, 3, 48, 64, 64)
+    with torch.device("meta"):
+        model, _ = build_model({"seed": 0, "device": "meta", "backbone": "swin_t", "mode": "reversible", "input_shape": list(shape),
+                                "piece_size": 2**14})
+    measure_step(model, shape, torch.float32, "cpu", keep_grads=False)  # masks and indices cached
+    grouped = measure_step(model, shape, torch.float32, "cpu", keep_grads=False)
+    monkeypatch.setattr(stage, "planned_spans", lambda spans: spans)
+    assert measure_step(model, shape, torch.float32, "cpu", keep_grads=False) == grouped
+
+
 def test_plan_runs_one_mvit_attention_call_of_each_shape_and_counts_what_all_would():
     """On the meta device QueryChunks runs three query chunks (the plan of MViT at 768 frames has
     thousands of identical ones): the same bytes as running them all."""
