@@ -145,6 +145,7 @@ class _Precision:
                  autocast: bool, autocast_dtype: torch.dtype):
         self.stream, self.fn_in, self.out, self.device = stream, fn_in, out, device
         self.autocast, self.autocast_dtype = autocast, autocast_dtype
+        self.low_precision = autocast_dtype.itemsize < 4  # F_i compute in less than fp32
 
     @classmethod
     def of(cls, x: Tensor, fp32_streams: bool) -> "_Precision":
@@ -159,7 +160,7 @@ class _Precision:
         # Without autocast the parameters are in x's dtype (e.g. a DeepSpeed bf16 engine), so F_i
         # must see x's dtype, as the unrewired block did; under autocast its casts do the work.
         fn_in = None if autocast else x.dtype
-        return cls(stream, fn_in, x.dtype, x.device, autocast, autocast_dtype)
+        return cls(stream, fn_in, x.dtype, x.device, autocast, autocast_dtype)  # autocast_dtype: x's without autocast
 
     def fn_input(self, b: Tensor) -> Tensor:
         return b if self.fn_in is None else b.to(self.fn_in)
@@ -234,7 +235,9 @@ def _streams(steps: Sequence[_Step], x: Tensor, spec: _Precision, seed: int | No
     like_backward: F_i runs as the backward will recompute it, with grad on and its input
     requiring grad (the graph dropped at once), so that kernels which depend on that (CPU
     attention: flash without grad, math with a mask that requires grad) compute the same bits
-    and the backward reconstructs the streams exactly, in low precision too."""
+    and the backward reconstructs the streams exactly. The forward asks for it in low precision
+    only: there such kernels differ by ~1e-2 (a bf16 reconstruction would drift), in fp32 by
+    ~1e-7, where the faster no-grad kernels are kept (CPU: about a third of a step)."""
     a = b = x.to(spec.stream)
     with _rng_substreams(spec.device, seed) as select:
         for i, step in enumerate(steps):
@@ -305,7 +308,7 @@ class _RevFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, anchor: Tensor | None, blocks: list[nn.Module], steps: list[_Step],
                 spec: _Precision, seed: int | None) -> Tensor:
-        a, b = _streams(steps, x, spec, seed, like_backward=True)
+        a, b = _streams(steps, x, spec, seed, like_backward=spec.low_precision)
         y = spec.output(a, b)
         # Any two of (a_n, b_n, y) determine the third. y exists anyway and the next layer often
         # keeps it too (a LayerNorm, a checkpointed patch merging): keeping (y, b_n) then costs
