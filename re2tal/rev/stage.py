@@ -125,7 +125,7 @@ class RevStage(nn.Module):
         seed = _draw_seed() if self.training else None
         rev = self.reversible_blocks()
         piece_size = 0 if self.vanilla else default_piece_size(x.device.type) if self.piece_size is None else self.piece_size
-        steps = [_Step.of(fn, block, pieces, x.shape, piece_size) for block in rev for fn, pieces in zip(block.residual_fns(), _pieces_of(block))]
+        steps = [_Step.of(fn, block, pieces, x, piece_size) for block in rev for fn, pieces in zip(block.residual_fns(), _pieces_of(block))]
         if self.vanilla:
             return spec.output(*_streams(steps, x, spec, seed))
         if not torch.is_grad_enabled() or not (x.requires_grad or any(s.params for s in steps)):
@@ -198,15 +198,15 @@ class _Step:
     spans: list[Span]
 
     @classmethod
-    def of(cls, fn: ResidualFn, block: nn.Module, pieces: Pieces | None, shape: Sequence[int], piece_size: int) -> "_Step":
+    def of(cls, fn: ResidualFn, block: nn.Module, pieces: Pieces | None, x: Tensor, piece_size: int) -> "_Step":
+        """F_i of `block` on the stage tensor x."""
         spans: list[Span] = [None]
         if pieces is not None and piece_size > 0:
-            cut = pieces.spans(shape, piece_size)
+            cut = pieces.spans(x.shape, piece_size)
             spans = cut if len(cut) > 1 else [None]
-        params = [p for p in block.parameters() if p.requires_grad]
-        if len(spans) > 3 and params and params[0].is_meta:
+        if x.is_meta and len(spans) > 3:
             spans = planned_spans(spans)
-        return cls(fn, params, pieces, spans)
+        return cls(fn, [p for p in block.parameters() if p.requires_grad], pieces, spans)
 
     def piece(self, t: Tensor, span: Span) -> Tensor:
         return t if span is None else t.narrow(self.pieces.dim, span[0], span[1] - span[0])
