@@ -7,6 +7,7 @@ Ray starting worker processes and DeepSpeed initialising.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -24,7 +25,9 @@ import psutil
 import pytest
 import yaml
 
+import conftest
 from re2tal.config import Config, SynthConfig, validate
+from re2tal.tasks.localization import Localization
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +50,7 @@ RUN_METRICS = {"loss", "cls_loss", "reg_loss", "lr", "lr_backbone", "average_mAP
                "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s", "videos_per_s", "data_wait_fraction", "random_average_mAP"}
 
 
-def tiny_config(tmp_path: Path, annotations: str, name: str, **overrides) -> Config:
-    tree = {section: dict(values) for section, values in TINY.items()}
-    tree["data"]["annotations"] = annotations
-    tree["train"] |= {"name": name, "storage_path": str(tmp_path / "runs")}
-    tree["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return validate(tree).with_overrides(overrides)
+tiny_config = functools.partial(conftest.tiny_config, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +95,11 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tmp_path):
     from re2tal.data.synth import write_synthetic
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     write_synthetic(s3.url("synth"), SYNTH, s3.storage)
     cfg = tiny_config(tmp_path, s3.url("synth/annotations.json"), "s3-run", **s3.overrides())
-    metrics = fit(cfg)
+    metrics = fit(cfg, Localization())
 
     assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH
     assert metrics["epoch"] == cfg.train.epochs
@@ -130,21 +128,21 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
 
 
 def test_rerunning_the_same_name_resumes_instead_of_starting_over(ray_cluster, local_set, tmp_path, monkeypatch):
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     # relative paths, as in configs/debug.yaml: the workers run in another directory
     monkeypatch.chdir(tmp_path)
     relative = os.path.relpath(local_set, tmp_path)
-    first = fit(tiny_config(tmp_path, relative, "again", **{"train.storage_path": "runs"}))
+    first = fit(tiny_config(tmp_path, relative, "again", **{"train.storage_path": "runs"}), Localization())
     longer = tiny_config(tmp_path, relative, "again", **{"train.epochs": 3, "train.storage_path": "runs"})
-    second = fit(longer)
+    second = fit(longer, Localization())
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["step"] == 3 * STEPS_PER_EPOCH
     client, run = mlflow_run(longer, second["mlflow_run_id"])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")] == [2 * STEPS_PER_EPOCH]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 3 * STEPS_PER_EPOCH + 1)), "a step was repeated or lost"
-    assert fit(longer)["step"] == 3 * STEPS_PER_EPOCH  # finished: a third launch trains nothing
+    assert fit(longer, Localization())["step"] == 3 * STEPS_PER_EPOCH  # finished: a third launch trains nothing
 
 
 def _train_worker_pids() -> set[int]:
@@ -156,7 +154,7 @@ def _train_worker_pids() -> set[int]:
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint_with_the_same_steps(ray_cluster, local_set, tmp_path):
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     cfg = tiny_config(tmp_path, local_set, "killed", **{"train.epochs": 4, "train.max_failures": 1,
                                                          "train.checkpoint_every_steps": 1})
@@ -179,7 +177,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_with_the_same_steps(ray_c
 
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
-    metrics = fit(cfg)
+    metrics = fit(cfg, Localization())
     killer.join()
     assert killed, "no training worker found to kill"
     assert not psutil.pid_exists(killed[0])
@@ -197,7 +195,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint_with_the_same_steps(ray_c
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(ray_cluster, local_set, tmp_path):
-    from re2tal.training.trainer import TrainingStopped, fit
+    from re2tal.training.driver import TrainingStopped, fit
 
     # A learning rate this large makes the weights explode in the first update: the loss of the
     # second step is not finite.
@@ -205,7 +203,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
                                                            "deepspeed.gradient_clipping": 0.0,
                                                            "train.checkpoint_every_steps": 1})
     with pytest.raises(TrainingStopped, match=r"non-finite loss .* step 2; the last good checkpoint is kept"):
-        fit(cfg)
+        fit(cfg, Localization())
     checkpoints = sorted((tmp_path / "runs" / "diverges").glob("epoch*"))
     assert [c.name for c in checkpoints] == ["epoch0000-step00000001"]
     assert (checkpoints[0] / "state" / "mp_rank_00_model_states.pt").exists()
@@ -327,10 +325,10 @@ def mlflow_server(s3, tmp_path):
 
 
 def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, local_set, s3, mlflow_server, tmp_path):
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     cfg = tiny_config(tmp_path, local_set, "remote", **{"train.epochs": 1, "tracking.tracking_uri": mlflow_server})
-    metrics = fit(cfg)
+    metrics = fit(cfg, Localization())
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and RUN_METRICS - {"random_average_mAP"} <= set(run.data.metrics)
     keys = {key for key in s3.fs.find(f"{s3.bucket}/mlartifacts")}
