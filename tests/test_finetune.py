@@ -134,6 +134,9 @@ def test_the_backbone_file_loads_as_pretrained_and_trains_a_localization_run(fin
     state = backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items() if k in state)
     assert set(saved["state_dict"]) - set(state) == {f"{classifier_prefix(backbone)}.{t}" for t in ("weight", "bias")}
+    # fine-tuned in Re² form, it computes what it learned only rewired, as the authors' Re² files
+    with pytest.raises(BadInput, match=r"holds a Re² \(reversible\) model, .*set backbone.reversible: true"):
+        build_backbone(cfg.backbone.model_copy(update={"pretrained": file, "reversible": False}))
     # the file's classifier comes back too (finetune.load_classifier): a rerun scores as the run ended
     model = build_classifier(cfg.with_overrides({"backbone.pretrained": file}))
     assert isinstance(model, Classifier) and torch.equal(model.head.fc.weight, saved["state_dict"][f"{classifier_prefix(backbone)}.weight"])

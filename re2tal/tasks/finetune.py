@@ -76,7 +76,7 @@ def build_classifier(cfg: Config) -> Classifier:
     if cfg.finetune.load_classifier and cfg.backbone.pretrained is not None:
         from re2tal.backbones.build import read_checkpoint
 
-        load_classifier(model, read_checkpoint(cfg.backbone.pretrained, cfg.storage))
+        load_classifier(model, read_checkpoint(cfg.backbone.pretrained, cfg.storage)[0])
     return model
 
 
