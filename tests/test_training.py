@@ -301,38 +301,81 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, what: s
             time.sleep(0.5)
 
 
+class MlflowServer:
+    """`mlflow server` on loopback (SQLite store, artifacts on the S3 endpoint), which a test
+    may stop (the whole process group, as a crash) and start again on the same port and store."""
+
+    def __init__(self, s3, tmp_path: Path):
+        self.port, self.db, self.s3 = _free_port(), tmp_path / "server.db", s3
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint_url, AWS_ACCESS_KEY_ID="testing",
+                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+                                      "--artifacts-destination", f"s3://{self.s3.bucket}/mlartifacts", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--workers", "1"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until_serving(f"{self.url}/health", self.proc, 120, "mlflow server")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its gunicorn / uvicorn children
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def mlflow_server(s3, tmp_path):
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION="us-east-1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(f"{url}/health", proc, 120, "mlflow server")
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn / uvicorn children
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    server = MlflowServer(s3, tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
-def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, local_set, s3, mlflow_server, tmp_path):
+def test_remote_mlflow_server_down_for_30_s_mid_run_neither_stops_nor_slows_training(ray_cluster, local_set, s3, mlflow_server,
+                                                                                      tmp_path):
+    """The server is stopped once the first step's loss is in, and started again 30 s later: the
+    rest of the run is trained meanwhile (its last step is timestamped while the server is down),
+    and every step's metrics and the artifacts (on S3) are in the run, which ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
     from re2tal.training.driver import fit
 
-    cfg = tiny_config(tmp_path, local_set, "remote", **{"train.epochs": 1, "tracking.tracking_uri": mlflow_server})
-    metrics = fit(cfg, Localization())
+    cfg = tiny_config(tmp_path, local_set, "remote", **{"tracking.tracking_uri": mlflow_server.url})
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(metrics=fit(cfg, Localization(), show_progress=False)))
+    thread.start()
+    store = MlflowClient(f"sqlite:///{mlflow_server.db}")  # the server's own store, read while it is down
+
+    def first_loss() -> bool:
+        runs = [r for e in store.search_experiments() for r in store.search_runs([e.experiment_id])]
+        return any(store.get_metric_history(r.info.run_id, "loss") for r in runs)
+
+    deadline = time.time() + 300
+    while not first_loss() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    down = time.time()
+    mlflow_server.stop()
+    time.sleep(30)
+    up = time.time()
+    mlflow_server.start()
+    thread.join(timeout=600)
+
+    metrics = out["metrics"]
+    assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and RUN_METRICS - {"random_average_mAP"} <= set(run.data.metrics)
+    assert run.info.status == "FINISHED" and RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, cfg.train.epochs * STEPS_PER_EPOCH + 1))
+    # the steps after the stop were trained while it was down: none waited for the server
+    assert down * 1000 < max(m.timestamp for m in losses) < up * 1000, [(m.step, m.timestamp / 1000 - down) for m in losses]
     keys = {key for key in s3.fs.find(f"{s3.bucket}/mlartifacts")}
-    for name in ("config/resolved.yaml", "predictions/best.json", "plots/map_per_tiou.png"):
+    for name in ("config/resolved.yaml", "predictions/best.json", "plots/map_per_tiou.png", "cache/epoch0002.json"):
         assert any(k.endswith(f"/artifacts/{name}") for k in keys), (name, keys)
 
 
@@ -343,7 +386,10 @@ def test_run_logs_to_a_remote_mlflow_server_with_artifacts_on_s3(ray_cluster, lo
 def test_ray_job_submit_runs_the_training_job_on_a_token_authenticated_cluster(local_set, tmp_path):
     """The README's commands: on the head `export RAY_AUTH_MODE=token`, `ray get-auth-token
     --generate`, `ray start --head`; from another machine (its own home, no token of its own) the
-    copied token through RAY_AUTH_TOKEN_PATH, then `ray job submit`."""
+    copied token through RAY_AUTH_TOKEN_PATH, then `ray job submit --working-dir .` from a
+    checkout whose config has relative paths (as configs/debug.yaml): the head refuses a wrong
+    token; without --base-dir the job stops before training, naming the key; with
+    `--base-dir $PWD` the run, its checkpoints and its MLflow records land in the checkout."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = _free_port(), _free_port()
     # Its own agent ports: the defaults are taken while another local Ray (the other tests') runs.
@@ -358,6 +404,13 @@ def test_ray_job_submit_runs_the_training_job_on_a_token_authenticated_cluster(l
     subprocess.run([str(ray_bin), "get-auth-token", "--generate"], env=head_env, check=True, capture_output=True)
     token = tmp_path / "head-home" / ".ray" / "auth_token"
     assert token.stat().st_size > 0
+    # the user's checkout: the job entry points, the data and a config with relative paths
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "jobs", checkout / "jobs")
+    shutil.copytree(Path(local_set).parent, checkout / "data" / "synth")
+    cfg = tiny_config(tmp_path, "data/synth/annotations.json", "submitted", **{"train.epochs": 1, "train.storage_path": "runs"})
+    tree = yaml.safe_load(cfg.to_yaml()) | {"tracking": cfg.tracking.model_dump() | {"tracking_uri": "sqlite:///mlflow.db"}}
+    (checkout / "tiny.yaml").write_text(yaml.safe_dump(tree))
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # --block keeps the head's processes in this process group, so stopping it stops only them
     # (`ray stop` would stop every Ray on the machine).
@@ -366,26 +419,43 @@ def test_ray_job_submit_runs_the_training_job_on_a_token_authenticated_cluster(l
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+
+    def submit(*flags: str, env: dict) -> subprocess.CompletedProcess:
+        command = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                   "python", "jobs/train.py", "--config", "tiny.yaml", *flags]
+        for _ in range(60):  # the head's job agent comes up a little after its dashboard
+            job = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr:
+                return job
+            time.sleep(2)
+        return job
+
     try:
         wait_until_serving(f"{address}/api/version", head, 180, "ray head")
-        cfg = tiny_config(tmp_path, local_set, "submitted", **{"train.epochs": 1})
-        config = write_config(tmp_path, cfg)
-        submit = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                  "python", "jobs/train.py", "--config", str(config)]
-        refused = subprocess.run(submit, env=remote_env, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0 and "couldn't find an authentication token" in refused.stderr, refused.stderr[-2000:]
+        wrong = submit(env=remote_env | {"RAY_AUTH_TOKEN": "0" * 32})  # a token, but not the head's
+        assert wrong.returncode != 0 and "Forbidden: Invalid authentication token" in wrong.stderr, wrong.stderr[-2000:]
+        assert "couldn't find an authentication token" not in wrong.stderr  # refused by the head, not by the client
         copied = tmp_path / "laptop-home" / "head-token"
         copied.parent.mkdir(parents=True)
         shutil.copy(token, copied)
-        for _ in range(60):  # the head's job agent comes up a little after its dashboard
-            job = subprocess.run(submit, env=remote_env | {"RAY_AUTH_TOKEN_PATH": str(copied)},
-                                 capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stderr:
-                break
-            time.sleep(2)
+        with_token = remote_env | {"RAY_AUTH_TOKEN_PATH": str(copied)}
+
+        stopped = submit(env=with_token)  # relative paths and no --base-dir: they would point into Ray's copy
+        logs = stopped.stdout + stopped.stderr
+        assert stopped.returncode != 0 and "re2tal train: error: data.annotations: 'data/synth/annotations.json' is a relative path, " \
+            "and this job runs in Ray's temporary copy of its working directory" in logs and "--base-dir $PWD" in logs, logs[-3000:]
+        assert not (checkout / "runs").exists() and not (checkout / "mlflow.db").exists()
+
+        job = submit("--base-dir", str(checkout), env=with_token)  # what `--base-dir $PWD` expands to
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout + job.stderr and "average mAP" in job.stdout
-        assert any((tmp_path / "runs" / "submitted").glob("epoch0001-*/state"))
+        assert any((checkout / "runs" / "submitted").glob("epoch0001-*/state"))
+        from mlflow.tracking import MlflowClient
+
+        store = MlflowClient(f"sqlite:///{checkout / 'mlflow.db'}")
+        runs = store.search_runs([store.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+        assert [(r.info.run_name, r.info.status) for r in runs] == [("submitted", "FINISHED")]
+        assert "loss" in runs[0].data.metrics and "average_mAP" in runs[0].data.metrics
     finally:
         # SIGTERM would make the head drain for up to a minute; nothing of it is needed after.
         os.killpg(head.pid, signal.SIGKILL)
