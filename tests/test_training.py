@@ -225,9 +225,16 @@ def client_run_id(cfg: Config) -> str:
 # the CLI: bad input fails before any worker starts; local mode; eval and predict from a checkpoint
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "re2tal.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "re2tal.cli", *args]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra or {}))
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def write_config(tmp_path: Path, cfg: Config) -> Path:
@@ -248,24 +255,58 @@ def test_malformed_config_and_bad_annotations_fail_before_any_worker_starts(tmp_
     assert time.time() - started < 120
 
 
-def test_local_mode_runs_in_process_then_eval_and_predict_use_its_checkpoint(local_set, tmp_path):
-    cfg = tiny_config(tmp_path, local_set, "local", **{"train.num_workers": 0, "train.epochs": 1})
+def test_local_mode_on_s3_killed_after_a_checkpoint_resumes_and_eval_and_predict_read_its_checkpoint(local_set, s3, tmp_path):
+    """`re2tal train --local` with train.storage_path on S3: SIGKILLed once a checkpoint is
+    complete there, the same command resumes from the newest complete one (the rule under Ray
+    Train) and takes exactly the steps of an uninterrupted run; `re2tal eval` and `predict` read
+    its last checkpoint from S3."""
+    storage = {k: v for k, v in s3.overrides().items() if not k.endswith("key_id") and not k.endswith("access_key")}
+    cfg = tiny_config(tmp_path, local_set, "local", **{"train.num_workers": 0, "train.checkpoint_every_steps": 1,
+                                                       "train.storage_path": s3.url("runs"), **storage})
     path = write_config(tmp_path, cfg)
-    out = run_cli("train", "--config", str(path), "--local")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # what the YAML does not hold
+    run_dir, steps = f"{s3.bucket}/runs/local", cfg.train.epochs * STEPS_PER_EPOCH * 2  # one worker: 4 steps an epoch
+
+    def complete() -> list[str]:
+        s3.fs.invalidate_cache()
+        return sorted(Path(p).parent.name for p in s3.fs.glob(f"{run_dir}/epoch*/complete.json"))
+
+    proc = subprocess.Popen(cli_command("train", "--config", str(path), "--local"), env=cli_env(env), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not complete() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    before = complete()
+    assert before and before[-1] != f"epoch0002-step{steps:08d}"
+
+    out = run_cli("train", "--config", str(path), "--local", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "average mAP" in out.stdout and "MLflow run" in out.stdout
-    checkpoint = tmp_path / "runs" / "local" / f"epoch0001-step{STEPS_PER_EPOCH * 2:08d}"  # one worker: 4 steps
-    assert (checkpoint / "state").is_dir(), sorted(p.name for p in (tmp_path / "runs" / "local").iterdir())
+    client, run = mlflow_run(cfg, client_run_id(cfg))
+    assert run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")] == [int(before[-1].rsplit("step", 1)[1])]
+    losses: dict[int, list[float]] = {}
+    for m in client.get_metric_history(run.info.run_id, "loss"):
+        losses.setdefault(m.step, []).append(m.value)
+    assert sorted(losses) == list(range(1, steps + 1))  # no step lost; those redone after the kill repeat exactly
+    assert all(max(v) - min(v) < 1e-6 for v in losses.values()), losses
+    last = f"epoch0002-step{steps:08d}"
+    assert complete() == [f"epoch0001-step{steps - 1:08d}", last]  # train.keep_checkpoints: 2 (the one before: mid-epoch 2)
+    checkpoint = s3.url(f"runs/local/{last}")
+    assert f"checkpoint: {checkpoint}" in out.stdout
     trained = float(next(line.split()[-2] for line in out.stdout.splitlines() if "│ average mAP " in line))
 
-    out = run_cli("eval", "--config", str(path), "--checkpoint", str(checkpoint), "--json", str(tmp_path / "eval.json"),
-                  "--predictions", str(tmp_path / "pred.json"))
+    out = run_cli("eval", "--config", str(path), "--checkpoint", checkpoint, "--json", str(tmp_path / "eval.json"),
+                  "--predictions", str(tmp_path / "pred.json"), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     result = yaml.safe_load((tmp_path / "eval.json").read_text())
     assert result["average_mAP"] == pytest.approx(trained, abs=1e-4)  # the same weights, the same numbers
 
     video = str(sorted(Path(local_set).parent.glob("*.mp4"))[0])
-    out = run_cli("predict", "--config", str(path), "--checkpoint", str(checkpoint), video)
+    out = run_cli("predict", "--config", str(path), "--checkpoint", checkpoint, video, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     segments = yaml.safe_load(out.stdout)["segments"]
     assert segments and all(0 <= s["segment"][0] < s["segment"][1] <= SYNTH.duration_s + 1e-6 for s in segments)
@@ -273,7 +314,7 @@ def test_local_mode_runs_in_process_then_eval_and_predict_use_its_checkpoint(loc
 
     assert {s["label"] for s in segments} <= set(class_names(SYNTH.classes))
 
-    out = run_cli("predict", "--config", str(path), "--checkpoint", str(checkpoint), str(tmp_path / "nope.mp4"))
+    out = run_cli("predict", "--config", str(path), "--checkpoint", checkpoint, str(tmp_path / "nope.mp4"), env=env)
     assert out.returncode == 2 and "nope.mp4" in out.stderr
 
 
