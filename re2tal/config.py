@@ -110,8 +110,9 @@ class DataConfig(Section):
     max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing / unreadable videos skipped (and logged with id and URL) per worker and epoch before the run fails.")
     decode_timeout_s: PositiveFloat = Field(300.0, description="A video whose next clip takes longer than this to decode is skipped as bad.")
     synth: SynthConfig | None = Field(None, description="Generate a synthetic dataset at `annotations`' location if it does not exist.")
+    features: str | None = Field(None, description="URL of pre-extracted features (`re2tal extract`'s output: `<features>/<video_id>.npy` of shape (clips, channels) and `<features>/features.json`): `re2tal train` then trains the localization head on them (no backbone, no decoding; `sampling`, `num_frames`, `frame_interval` and `window_stride` give the windows in seconds as for frames). Default: train end to end from the videos.")
 
-    _urls = field_validator("annotations", "video_root")(check_url)
+    _urls = field_validator("annotations", "video_root", "features")(check_url)
 
     @model_validator(mode="before")
     @classmethod
@@ -590,6 +591,9 @@ class TrackingConfig(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file.db or http(s)://server).")
     experiment: str = Field("re2tal", description="MLflow experiment name.")
     timeline_videos: NonNegativeInt = Field(4, description="Validation videos drawn in the detection timeline plot.")
+    system_metrics: bool = Field(True, description="Log MLflow's system metrics (`system/...`: CPU, memory, disk, network; GPU utilisation and memory where a GPU and pynvml are present) of every node of a training run, sampled by its first worker.")
+    system_metrics_interval_s: PositiveFloat = Field(10.0, description="Seconds between system-metric samples.")
+    register_model: str | None = Field(None, description="Register the model a finished run logs (MLflow model `model` of the run) as a new version of this registered model. Default: logged, not registered.")
     retry_s: NonNegativeFloat = Field(600.0, description="How long records the tracking server did not take (down, restarting, "
                                       "unreachable) are retried at the end of a run before it ends without them. Training never "
                                       "waits for the server: records are sent in the background and retried every few seconds; "

@@ -14,9 +14,18 @@ from re2tal.training.task import Task
 
 
 def train(args: argparse.Namespace) -> int:
+    return _run(args, localization(args.cfg), "train")
+
+
+def localization(cfg: Config) -> Task:
+    """The localization task: end to end from frames, or the head alone on data.features."""
+    if cfg.data.features is not None:
+        from re2tal.tasks.features import FeatureLocalization
+
+        return FeatureLocalization()
     from re2tal.tasks.localization import Localization
 
-    return _run(args, Localization(), "train")
+    return Localization()
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -56,6 +65,9 @@ def _run(args: argparse.Namespace, task: Task, command: str) -> int:
                       f"--set backbone.pretrained={metrics['backbone_file']})", soft_wrap=True)
     if metrics.get("mlflow_run_id"):
         print_mlflow_link(console, cfg, f"MLflow run {metrics['mlflow_run_id']}")
+    if metrics.get("model_uri"):
+        console.print(f"  model: {metrics['model_uri']} (runs:/{metrics['mlflow_run_id']}/model)"
+                      + (f", registered as {metrics['registered_model']}" if metrics.get("registered_model") else ""), soft_wrap=True)
     return 0
 
 
@@ -79,7 +91,6 @@ def tune(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from re2tal import console as quiet
-    from re2tal.tasks.localization import Localization
     from re2tal.tuning import sweep
     from re2tal.tuning.space import swept_keys
     from re2tal.tuning.summary import fmt
@@ -87,7 +98,7 @@ def tune(args: argparse.Namespace) -> int:
     cfg: Config = args.cfg
     if not args.verbose:
         quiet.quiet_driver()
-    result = sweep(cfg, Localization(), verbose=args.verbose)
+    result = sweep(cfg, localization(cfg), verbose=args.verbose)
     # A case's keys are said by its name; the CSV on the parent run has them all.
     case_keys = set(swept_keys(cfg.tune)) - set(cfg.tune.space)
     columns = [c for c in result.columns if c not in case_keys]

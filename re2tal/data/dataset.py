@@ -135,6 +135,10 @@ class VideoDataset:
         """Videos (not clips) this worker handles."""
         return len(self.videos)
 
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict]:
+        """This worker's clips as collated batches (`batches`)."""
+        return batches(self, batch_size, drop_last)
+
     def _rng(self, video: Video) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, video.index])
 

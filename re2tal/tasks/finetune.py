@@ -123,6 +123,7 @@ class Finetune(Task):
             ensure_synthetic(cfg.data, cfg.storage)
         annotations = load_clips(cfg.data, cfg.storage)
         annotations.check_subsets(cfg.data)
+        self.label_map = annotations.labels  # for the model logged at the end (`finish`)
         if cfg.head.num_classes != len(annotations.labels):
             raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} labels")
         return annotations
@@ -191,12 +192,15 @@ class Finetune(Task):
         return dist_utils.broadcast(metrics)
 
     def finish(self, cfg: Config, metrics: dict[str, Any], tracker) -> dict[str, Any]:
-        """Write the backbone file (`backbone_file` in the metrics) and note it in the run."""
+        """Write the backbone file (`backbone_file` in the metrics) and note it in the run; the
+        classifier as the run's MLflow model (`predict([video URLs])`: each video's top classes)."""
+        from re2tal.tasks.mlmodel import VideoClassifier, log_trained_model
+
         metrics["backbone_file"] = export_backbone(cfg, metrics["checkpoint"], metrics)
         if tracker is not None:
             tracker.json({"backbone_file": metrics["backbone_file"], "checkpoint": metrics["checkpoint"],
                           **{k: v for k, v in metrics.items() if k.startswith(("top", "chance"))}}, "finetune/backbone.json")
-        return metrics
+        return log_trained_model(cfg, metrics, tracker, VideoClassifier(), build_classifier, self.label_map)
 
     def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         rows = [("top-1 before fine-tuning", "top1_before"), ("top-1", "top1"), ("top-5 before fine-tuning", "top5_before"),
@@ -242,3 +246,39 @@ def backbone_file_state(model: Classifier) -> dict[str, Tensor]:
     state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     prefix = classifier_prefix(model.backbone)
     return state | {f"{prefix}.weight": model.head.fc.weight.detach().clone(), f"{prefix}.bias": model.head.fc.bias.detach().clone()}
+
+
+# --------------------------------------------------------------------------------------------
+# prediction
+
+
+def classify_video(model: nn.Module, cfg: Config, url: str, labels: list[str], k: int = 5) -> dict[str, Any]:
+    """One video (any fsspec URL) as one recognition clip over the whole file, sampled as the
+    evaluation samples a clip: {"video", "classes": the top-k [{"label", "score" (softmax)}]}.
+    BadInput if it cannot be read."""
+    import math
+
+    import numpy as np
+
+    from re2tal.data.annotations import Video
+    from re2tal.data.augment import augment_clips
+    from re2tal.data.dataset import collate, make_clip, plan_windows
+    from re2tal.data.video import VideoError, VideoFile, VideoSource
+
+    name = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        with VideoSource(cfg.storage).acquire(url) as lease:
+            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
+            video = Video(id=name, url=url, duration=file.info.duration, subset="", index=0, segments=np.zeros((0, 2), np.float32),
+                          labels=np.zeros(0, np.int64), clip=(0.0, math.inf))
+            window = plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))[0]
+            clip = make_clip(video, file, window, cfg.data.num_frames, None)
+    except VideoError as err:
+        raise BadInput(f"{url}: cannot read video ({err})") from None
+    device = next(model.parameters()).device
+    frames = augment_clips(collate([clip])["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
+                           cfg.backbone.pixel_std, torch.Generator(), training=False)
+    with torch.no_grad():
+        probs = model(frames).float().softmax(dim=1)[0]
+    top = probs.topk(min(k, len(labels)))
+    return {"video": url, "classes": [{"label": labels[i], "score": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())]}

@@ -1,8 +1,9 @@
 """Temporal action localization (`re2tal train`): the Localizer (backbone -> ActionFormer-style
 detector), its detection losses, prediction and mAP on the validation subset.
 
-Also what `re2tal eval` and `re2tal predict` use: `predict` (batches of clips -> an ActivityNet
-submission), `ground_truth`, `label_names`.
+Also what `re2tal eval` and `re2tal predict` use: `predict` (batches of clips or features -> an
+ActivityNet submission), `predict_video`, `ground_truth`, `label_names`. At the end of a run the
+trained network is logged as the run's MLflow model (re2tal.tasks.mlmodel).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ class Localizer(nn.Module):
         return self.detector(self.backbone(frames_B3NHW), valid_B)
 
 
+class FeatureInput(nn.Module):
+    """Pre-extracted features in the backbone's place (re2tal.tasks.features): (B, C, L) ->
+    (B, C, L, 1, 1), what the detector takes from a backbone."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+
+    def forward(self, feats_BCL: Tensor) -> Tensor:
+        return feats_BCL[..., None, None]
+
+
 def build_model(cfg: Config) -> Localizer:
     from re2tal.backbones import build_backbone
 
@@ -59,6 +72,7 @@ class Localization(Task):
             ensure_synthetic(cfg.data, cfg.storage)
         annotations = load_annotations(cfg.data, cfg.storage)
         annotations.check_subsets(cfg.data)
+        self.label_map = annotations.labels  # for the model logged at the end (`finish`)
         if cfg.head.num_classes not in (1, len(annotations.labels)):
             raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} "
                            "action labels (use their number, or 1 for a class-agnostic head)")
@@ -80,28 +94,33 @@ class Localization(Task):
 
         return DetectionLoss(cfg.head)
 
+    def inputs(self, loop: Loop, batch: dict) -> tuple[Tensor, Tensor]:
+        """A training batch as the model's input (the clips, augmented) and the fraction of each
+        clip that is real."""
+        frames = loop.frames(batch, training=True)
+        return frames, batch["valid"].to(loop.worker.device, torch.float32) / frames.shape[2]
+
     def losses(self, loop: Loop, batch: dict) -> dict[str, Tensor]:
         from re2tal.detection import targets_in_window
 
         cfg, device = loop.cfg, loop.worker.device
-        frames = loop.frames(batch, training=True)
-        valid = batch["valid"].to(device, torch.float32) / frames.shape[2]
+        x, valid = self.inputs(loop, batch)
         # a class-agnostic head (num_classes=1) learns every action as class 0
         targets = [targets_in_window(s.numpy(), (l if cfg.head.num_classes > 1 else torch.zeros_like(l)).numpy(), w, cfg.head.seq_len)
                    for s, l, w in zip(batch["segments"], batch["labels"], batch["window"])]
-        out = loop.engine(frames, valid)
+        out = loop.engine(x, valid)
         return loop.criterion(out, [t[0].to(device) for t in targets], [t[1].to(device) for t in targets])
 
     def evaluate(self, loop: Loop, state: State) -> dict[str, float]:
         """mAP on the validation subset (EMA weights if kept). Every worker predicts its share of
         the videos; rank 0 merges and scores them, logs the predictions and plots of a new best."""
-        from re2tal.data.dataset import batches
         from re2tal.evaluation import evaluate, parse_thresholds
 
         cfg, worker = loop.cfg, loop.worker
         scores = self.class_scores(cfg)
         with loop.eval_weights():
-            predictions = predict(loop.engine.module, loop.lockstep(batches(loop.shard(cfg.data.val_subset), cfg.data.batch_size)),
+            shard = self.dataset(loop, cfg.data.val_subset, training=False)
+            predictions = predict(loop.engine.module, loop.lockstep(shard.batches(cfg.data.batch_size)),
                                   cfg, worker.device, label_names(cfg, loop.annotations, scores), scores)
         gathered = dist_utils.gather_to_main(predictions["results"], worker)
         metrics: dict[str, float] = {}
@@ -124,6 +143,17 @@ class Localization(Task):
             return {}
         truth = ground_truth(loop.cfg, loop.annotations, loop.cfg.data.val_subset, self.class_scores(loop.cfg))
         return {"random_average_mAP": random_baseline(truth, loop.cfg)}
+
+    def finish(self, cfg: Config, metrics: dict[str, Any], tracker) -> dict[str, Any]:
+        """The trained network as the run's MLflow model (and a registered version with
+        tracking.register_model): `mlflow.pyfunc.load_model(uri).predict([video URLs])`."""
+        from re2tal.tasks.mlmodel import VideoLocalizer, log_trained_model
+
+        return log_trained_model(cfg, metrics, tracker, VideoLocalizer(), build_model, self.head_labels(cfg))
+
+    def head_labels(self, cfg: Config) -> list[str]:
+        """`label_names` of the annotations `check_data` read (on the driver)."""
+        return self.label_map if cfg.head.num_classes > 1 or cfg.head.nms.external_scores else ["action"]
 
     def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         rows = [(f"mAP@{k.removeprefix('mAP_')}", f"{metrics[k]:.4f}") for k in sorted(k for k in metrics if k.startswith("mAP_"))]
@@ -155,9 +185,9 @@ class Localization(Task):
 
 def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, device: torch.device,
             label_names: list[str], class_scores: dict | None = None) -> dict[str, Any]:
-    """Run the model over collated batches and return the submission dict (seconds, per video,
-    windows of a video merged). A None batch runs a forward on zeros whose output is dropped
-    (ZeRO-3 keeps workers in lockstep that way)."""
+    """Run the model over collated batches (of clips, or of features for a model on features)
+    and return the submission dict (seconds, per video, windows of a video merged). A None batch
+    runs a forward on zeros whose output is dropped (ZeRO-3 keeps workers in lockstep that way)."""
     from re2tal.data.augment import augment_clips
     from re2tal.detection import postprocess, to_predictions
 
@@ -168,12 +198,18 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
     with torch.no_grad():
         for batch in batches:
             if batch is None:
-                zeros = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size, device=device, dtype=dtype)
+                if isinstance(module.backbone, FeatureInput):
+                    zeros = torch.zeros(1, module.backbone.out_channels, cfg.head.seq_len, device=device, dtype=dtype)
+                else:
+                    zeros = torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size, device=device, dtype=dtype)
                 module(zeros, torch.ones(1, device=device))
                 continue
-            frames = augment_clips(batch["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
-                                   cfg.backbone.pixel_std, torch.Generator(), training=False).to(dtype)
-            out = module(frames, batch["valid"].to(device, torch.float32) / frames.shape[2])
+            if "features" in batch:
+                out = module(batch["features"].to(device, dtype), batch["valid"].to(device, torch.float32))
+            else:
+                frames = augment_clips(batch["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
+                                       cfg.backbone.pixel_std, torch.Generator(), training=False).to(dtype)
+                out = module(frames, batch["valid"].to(device, torch.float32) / frames.shape[2])
             clips += postprocess(out, cfg.head.nms)
             videos += batch["video_id"]
             windows += batch["window"]
@@ -182,9 +218,11 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
     return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores)
 
 
-def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_scores: dict | None = None) -> dict[str, Any]:
+def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_scores: dict | None = None, *,
+                  labels: list[str] | None = None) -> dict[str, Any]:
     """One video (any fsspec URL) through the evaluation's windows: {"video", "duration",
-    "segments": its ActivityNet-format segments}. BadInput if it cannot be read."""
+    "segments": its ActivityNet-format segments}. The head's class names are `labels`, else
+    `label_names` of the annotations. BadInput if it cannot be read."""
     from re2tal.data.annotations import Video
     from re2tal.data.dataset import batches, make_clip, plan_windows
     from re2tal.data.video import VideoError, VideoFile, VideoSource
@@ -200,7 +238,8 @@ def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_sc
     except VideoError as err:
         raise BadInput(f"{url}: cannot read video ({err})") from None
     device = next(model.parameters()).device
-    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, device, label_names(cfg, annotations, class_scores), class_scores)
+    names = labels if labels is not None else label_names(cfg, annotations, class_scores)
+    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, device, names, class_scores)
     return {"video": url, "duration": video.duration, "segments": submission["results"].get(name, [])}
 
 

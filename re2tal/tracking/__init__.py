@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from re2tal.config import Config, TrackingConfig
+from re2tal.tracking.datasets import log_datasets  # noqa: F401
+from re2tal.tracking.models import LoggedModel, log_model  # noqa: F401
+from re2tal.tracking.system import SystemMetrics  # noqa: F401
 from re2tal.tracking.tracker import Tracker, retrying  # noqa: F401  (Tracker: re2tal.tracking.Tracker)
 
 RUN_TAG = "re2tal.run"

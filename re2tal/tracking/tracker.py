@@ -30,7 +30,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
         self._queue: collections.deque = collections.deque()  # ("metric", Metric) | ("call", fn(client))
         self._cond = threading.Condition()
         self._sending = 0  # records at the queue's head being sent now

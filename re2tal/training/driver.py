@@ -127,6 +127,7 @@ def fit(cfg: Config, task: Task, *, local: bool = False, callbacks: list | None 
     uri = run_id = None
     if cfg.tracking.enabled:
         uri, run_id, _ = tracking.open_run(cfg, {"re2tal.task": task.name, **(extra_tags or {})})
+        tracking.log_datasets(tracking._client(uri), run_id, cfg, annotations)
         if predicted_gb is not None:  # next to the workers' measured peak_memory_gb
             with_tracker(uri, run_id, cfg, lambda t: t.metrics({"predicted_peak_memory_gb": predicted_gb}, step=0))
     steps_total = cfg.train.epochs * steps_per_epoch(cfg, annotations, max(1, num_workers))

@@ -92,14 +92,33 @@ def train_loop_per_worker(config: dict) -> None:
         from re2tal.tracking import Tracker
 
         tracker = Tracker(uri, run_id)
+    system = system_metrics(cfg, worker, tracker, uri, run_id)
     loop = Loop(cfg, task, worker, engine, criterion, ema, generator, annotations, tracker, config.get("progress"),
                 config.get("local", False), cursor=config.get("cursor"))
     try:
         loop.run(loop.resume(), micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
     finally:
+        if system is not None:
+            system.close(cfg.tracking.retry_s)
         if tracker is not None and not tracker.close(cfg.tracking.retry_s):
             log.warning("MLflow did not take %d metric records in tracking.retry_s=%g s (%s); the last checkpoint keeps them "
                         "and a resumed run sends them", len(tracker.unsent()), cfg.tracking.retry_s, tracker.last_error)
+
+
+def system_metrics(cfg: Config, worker: Worker, tracker, uri: str | None, run_id: str | None):
+    """MLflow's system metrics of this node (`re2tal.tracking.SystemMetrics`), sampled by its
+    first worker: a process on the node whose CPUs and GPUs train (the driver may run on a head
+    node without GPUs). Rank 0's node logs through rank 0's tracker, other nodes through their own
+    (which `close` flushes), as `system/node<k>/...` when the run spans several nodes."""
+    if not (run_id and cfg.tracking.system_metrics and worker.local_rank == 0):
+        return None
+    import ray.train
+
+    from re2tal.tracking import SystemMetrics, Tracker
+
+    ctx = ray.train.get_context()
+    node = f"node{ctx.get_node_rank()}" if ctx.get_local_world_size() < ctx.get_world_size() else None
+    return SystemMetrics(tracker or Tracker(uri, run_id), cfg.tracking.system_metrics_interval_s, node, own_tracker=tracker is None)
 
 
 class Loop:
@@ -219,8 +238,6 @@ class Loop:
         """`count` micro-batches of this worker's training shard from video `start` on, with the
         shard position after each. If skipped (unreadable) videos leave the shard short, it starts
         over, so every worker still yields exactly `count`."""
-        from re2tal.data.dataset import batches
-
         cfg, w = self.cfg, self.worker
         if cfg.data.loader == "ray_data":
             import ray.train
@@ -231,10 +248,10 @@ class Loop:
             return
         produced = 0
         while produced < count:
-            ds = self.shard(cfg.data.train_subset, training=True, epoch=epoch, start=start)
+            ds = self.task.dataset(self, cfg.data.train_subset, training=True, epoch=epoch, start=start)
             index = {v.id: start + i for i, v in enumerate(ds.videos)}
             before = produced
-            for batch in batches(ds, cfg.data.batch_size, drop_last=True):
+            for batch in ds.batches(cfg.data.batch_size, drop_last=True):
                 yield batch, index[batch["video_id"][-1]] + 1
                 produced += 1
                 if produced == count:

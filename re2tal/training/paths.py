@@ -22,7 +22,7 @@ from re2tal.config import Config
 from re2tal.data.storage import protocol
 from re2tal.errors import BadInput
 
-PATH_KEYS = ("data.annotations", "data.video_root", "backbone.pretrained", "head.nms.external_scores", "train.storage_path",
+PATH_KEYS = ("data.annotations", "data.video_root", "data.features", "backbone.pretrained", "head.nms.external_scores", "train.storage_path",
              "finetune.output")
 SQLITE = "sqlite:///"
 

@@ -7,7 +7,7 @@ every worker, so it holds no open resources; what a worker caches on it (label m
 is that worker's own.
 
     driver:  check_data -> predict_memory -> [workers] -> finish -> summary
-    worker:  build_model, head, criterion -> at_start -> (losses per micro-batch; evaluate) -> final_metrics
+    worker:  build_model, head, criterion -> at_start -> (dataset -> losses per micro-batch; evaluate) -> final_metrics
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ class Task(ABC):
     def criterion(self, cfg: Config) -> nn.Module:
         """The loss module: its state dict is saved per worker, `set_epoch(epoch)` is called at
         every epoch start."""
+
+    def dataset(self, loop: "Loop", subset: str, training: bool, epoch: int = 0, start: int = 0):
+        """This worker's share of a subset (training: the shuffle of `epoch`, from the shard's
+        `start`-th video on): `videos` (the shard's videos in order) and `batches(batch_size,
+        drop_last)` (collated batches, each with `video_id`). Default: clips decoded from the
+        videos (`loop.shard`)."""
+        return loop.shard(subset, training=training, epoch=epoch, start=start)
 
     @abstractmethod
     def losses(self, loop: "Loop", batch: dict) -> dict[str, Tensor]:

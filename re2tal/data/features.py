@@ -1,0 +1,218 @@
+"""Pre-extracted features (`re2tal extract`'s layout) as the localization head's input, in windows
+whose seconds follow the same rules as clips of frames.
+
+    <DIR>/<video_id>.npy    float16 (clips, channels): clip j's pooled backbone features
+    <DIR>/features.json     {"clip_frames", "clip_stride" (source frames), "fps", "frame_size", "backbone", "weights"}
+
+Clip j covers source frames [j * clip_stride, j * clip_stride + clip_frames), on screen from
+j * clip_stride / fps to (j * clip_stride + clip_frames) / fps; its feature stands for the clip's
+centre c_j = (j * clip_stride + clip_frames / 2) / fps. The features are thus a grid of step
+s = clip_stride / fps whose cell j is [c_j - s/2, c_j + s/2), as a clip's samples are
+(re2tal.data.sampling): W cells from cell j0 are the `Window` (c_j0 - s/2, c_j0 - s/2 + W s). Their
+W features are resampled to head.seq_len positions as a backbone's are (linear,
+align_corners=False, which keeps the centres aligned), so targets and decoded segments go through
+that window in seconds exactly as end to end (re2tal.detection.grid).
+
+Windows follow the frame sampler's rules, counted in feature cells:
+- uniform: the whole sequence, one window;
+- sliding: windows of num_frames * frame_interval / clip_stride cells (the seconds a window of
+  frames spans, at the features' fps), evaluation windows window_stride * frame_interval /
+  clip_stride cells apart, the last reaching the end; training takes one window, at a random
+  place overlapping a random action if random_truncate, else the first. Cells past the end
+  repeat the last feature and are padding (`valid`).
+
+A batch: `features` float32 (B, C, head.seq_len), `valid` float32 (B,) the fraction of each item's
+positions that is real, and the lists `video_id`, `window`, `duration`, `segments`, `labels` of a
+batch of clips (re2tal.data.dataset).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from re2tal.config import Config, StorageConfig
+from re2tal.data import sampling
+from re2tal.data.annotations import Annotations, Video
+from re2tal.data.dataset import shard
+from re2tal.data.storage import filesystem, read_bytes
+from re2tal.errors import BadInput
+
+META_FILE = "features.json"
+META_KEYS = ("clip_frames", "clip_stride", "fps")
+
+
+@dataclass(frozen=True)
+class FeatureMeta:
+    """What `features.json` says, and the channels of the arrays."""
+
+    url: str  # the folder
+    clip_frames: int
+    clip_stride: int
+    fps: float
+    channels: int
+    extra: dict  # the rest of features.json (frame_size, backbone, weights, ...)
+
+    @property
+    def step(self) -> float:
+        """Seconds between consecutive features."""
+        return self.clip_stride / self.fps
+
+    def window(self, j0: int, cells: int) -> sampling.Window:
+        """The seconds of `cells` feature cells from cell j0."""
+        start = (j0 * self.clip_stride + self.clip_frames / 2) / self.fps - self.step / 2
+        return sampling.Window(start, start + cells * self.step, cells)
+
+    def duration(self, clips: int) -> float:
+        """Seconds the clips of a sequence cover (a video's length, as near as the features tell)."""
+        return ((clips - 1) * self.clip_stride + self.clip_frames) / self.fps
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.extra, "url": self.url, "clip_frames": self.clip_frames, "clip_stride": self.clip_stride,
+                "fps": self.fps, "channels": self.channels}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "FeatureMeta":
+        known = ("url", *META_KEYS, "channels")
+        return cls(raw["url"], int(raw["clip_frames"]), int(raw["clip_stride"]), float(raw["fps"]), int(raw["channels"]),
+                   {k: v for k, v in raw.items() if k not in known})
+
+
+def file_url(folder: str, video_id: str) -> str:
+    return f"{folder.rstrip('/')}/{video_id}.npy"
+
+
+def load_array(url: str, storage: StorageConfig) -> np.ndarray:
+    """One video's features (clips, channels); BadInput naming the file if it is not such an array."""
+    try:
+        array = np.load(io.BytesIO(read_bytes(url, storage)), allow_pickle=False)
+    except FileNotFoundError:
+        raise BadInput(f"data.features: {url} does not exist") from None
+    except ValueError as err:
+        raise BadInput(f"data.features: {url} is not a .npy array ({err})") from None
+    if array.ndim != 2 or len(array) == 0:
+        raise BadInput(f"data.features: {url} has shape {list(array.shape)}; features are (clips, channels)")
+    return array
+
+
+def read_meta(url: str, storage: StorageConfig, probe: str) -> FeatureMeta:
+    """`<url>/features.json`, and the channels of `<url>/<probe>.npy`."""
+    where = f"{url.rstrip('/')}/{META_FILE}"
+    try:
+        raw = json.loads(read_bytes(where, storage))
+    except FileNotFoundError:
+        raise BadInput(f"data.features: {where} does not exist (not a `re2tal extract` output)") from None
+    except ValueError as err:
+        raise BadInput(f"data.features: {where} is not JSON ({err})") from None
+    missing = [k for k in META_KEYS if not isinstance(raw.get(k), (int, float)) or raw[k] <= 0]
+    if missing:
+        raise BadInput(f"data.features: {where}: {', '.join(missing)} missing or not a positive number")
+    channels = load_array(file_url(url, probe), storage).shape[1]
+    extra = {k: v for k, v in raw.items() if k not in (*META_KEYS, "channels")}
+    return FeatureMeta(url, int(raw["clip_frames"]), int(raw["clip_stride"]), float(raw["fps"]), channels, extra)
+
+
+def check_files(url: str, storage: StorageConfig, annotations: Annotations, subsets: list[str]) -> None:
+    """Every video of the subsets has its features file (one listing of the folder)."""
+    fs, path = filesystem(url, storage)
+    try:
+        names = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        raise BadInput(f"data.features: {url} does not exist") from None
+    for subset in subsets:
+        missing = [v.id for v in annotations.subset(subset) if f"{v.id}.npy" not in names]
+        if missing:
+            raise BadInput(f"data.features: {url} has no features of {len(missing)} video(s) of subset {subset!r} "
+                           f"(e.g. {missing[0]}.npy)")
+
+
+def plan_cells(clips: int, video: Video, cfg: Config, meta: FeatureMeta, training: bool, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """The windows of one video's features as (first cell, cells); see the module docstring."""
+    d = cfg.data
+    if d.sampling == "uniform":
+        return [(0, clips)]
+    cells = max(1, round(d.num_frames * d.frame_interval / meta.clip_stride))
+    if clips <= cells:
+        return [(0, cells)]
+    if training and d.random_truncate:
+        lo, hi = 0, clips - cells
+        if len(video.segments):  # starts whose window overlaps a random action
+            s, e = video.segments[rng.integers(len(video.segments))]
+            origin = meta.window(0, 1).start
+            lo2 = max(lo, math.floor((s - origin) / meta.step) - cells + 1)
+            hi2 = min(hi, math.ceil((e - origin) / meta.step) - 1)
+            if lo2 <= hi2:
+                lo, hi = lo2, hi2
+        return [(int(rng.integers(lo, hi + 1)), cells)]
+    if training:
+        return [(0, cells)]
+    stride = max(1, round(d.window_stride * d.frame_interval / meta.clip_stride))
+    count = math.ceil((clips - cells) / stride) + 1
+    return [(k * stride, cells) for k in range(count)]
+
+
+def make_item(array: np.ndarray, video: Video, j0: int, cells: int, meta: FeatureMeta, seq_len: int) -> dict[str, Any]:
+    """One window of a video's features, resampled to `seq_len` positions, with its targets."""
+    part = array[j0: j0 + cells]
+    real = len(part)
+    if real < cells:  # past the end: repeat the last feature (padding, masked by `valid`)
+        part = np.concatenate([part, np.repeat(part[-1:], cells - real, axis=0)])
+    x = torch.from_numpy(part.astype(np.float32)).T[None]  # (1, C, cells)
+    if cells != seq_len:
+        x = F.interpolate(x, size=seq_len, mode="linear", align_corners=False)
+    w = meta.window(j0, cells)
+    segments, labels = sampling.segments_in(w, video.duration, video.segments, video.labels)
+    return {"video_id": video.id, "features": x[0], "valid": real / cells, "window": (w.start, w.end),
+            "duration": float(video.duration), "segments": segments, "labels": labels}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"video_id": [i["video_id"] for i in items], "features": torch.stack([i["features"] for i in items]),
+            "valid": torch.tensor([i["valid"] for i in items], dtype=torch.float32),
+            "window": [i["window"] for i in items], "duration": [i["duration"] for i in items],
+            "segments": [torch.from_numpy(i["segments"]) for i in items], "labels": [torch.from_numpy(i["labels"]) for i in items]}
+
+
+def batches(items, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
+    group: list[dict[str, Any]] = []
+    for item in items:
+        group.append(item)
+        if len(group) == batch_size:
+            yield collate(group)
+            group = []
+    if group and not drop_last:
+        yield collate(group)
+
+
+class FeatureDataset:
+    """One worker's windows of one epoch, sharded as `re2tal.data.dataset.VideoDataset` shards
+    videos (the same videos per worker and epoch for a seed); each video's array is read when its
+    turn comes."""
+
+    def __init__(self, cfg: Config, subset: str, meta: FeatureMeta, annotations: Annotations, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0, seed: int = 0, training: bool = True, start: int = 0):
+        self.cfg, self.meta, self.training, self.epoch, self.seed = cfg, meta, training, epoch, seed
+        videos = annotations.subset(subset)
+        self.videos: list[Video] = [videos[i] for i in shard(len(videos), rank, world_size, epoch, seed, shuffle=training)[start:]]
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        for video in self.videos:
+            array = load_array(file_url(self.meta.url, video.id), cfg.storage)
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, video.index])
+            for j0, cells in plan_cells(len(array), video, cfg, self.meta, self.training, rng):
+                yield make_item(array, video, j0, cells, self.meta, cfg.head.seq_len)
+
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
+        return batches(self, batch_size, drop_last)

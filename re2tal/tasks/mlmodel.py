@@ -1,0 +1,212 @@
+"""The trained network as an MLflow model: what a finished `re2tal train` / `re2tal finetune` run
+logs (the run's model `model`, registered with `tracking.register_model`), and how such a model
+URI becomes a network again (`load_model`, for `re2tal predict --model`).
+
+It is a pyfunc model that runs on whole videos:
+
+    mlflow.pyfunc.load_model("runs:/<run_id>/model").predict(["s3://bucket/a.mp4", "b.mp4"])
+    -> [{"video": "s3://bucket/a.mp4", "duration": 61.2, "segments": [{"label", "score", "segment": [s, e]}, ...]}, ...]
+
+(a localizer: the evaluation's windows and post-processing, as `re2tal predict`; a head trained on
+features takes `.npy` feature files instead; a fine-tuned classifier answers each video's top
+classes). Its directory holds, beside MLflow's own files:
+
+    artifacts/config.yaml   the run's resolved config, storage credentials and backbone.pretrained
+                            left out (the weights hold the trained backbone)
+    artifacts/weights.pt    the network's state dict, fp32 (the EMA weights when the run kept them)
+    artifacts/labels.json   the names of the head's classes, in output order
+    artifacts/features.json (a head on features) the features it was trained on
+
+The python model is pickled by reference to its class here, so the model loads where re2tal is
+installed; requirements.txt lists re2tal's own pinned dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow.pyfunc
+import torch
+from torch import nn
+
+from re2tal.config import Config
+from re2tal.errors import BadInput
+
+
+class TrainedModel(mlflow.pyfunc.PythonModel):
+    """Loads config, labels and weights into `self.cfg`, `self.labels`, `self.model` (CPU, eval
+    mode); a subclass says how the network is built and what `predict` does."""
+
+    def build(self, cfg: Config, artifacts: dict[str, str]) -> nn.Module:
+        raise NotImplementedError
+
+    def load_context(self, context) -> None:
+        import yaml
+
+        from re2tal.config import validate
+
+        self.cfg = validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
+        self.labels = json.loads(Path(context.artifacts["labels"]).read_text())
+        self.model = self.build(self.cfg, context.artifacts)
+        self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
+        self.model.eval()
+
+    def class_scores(self) -> dict | None:
+        from re2tal.tasks.localization import Localization
+
+        return Localization().class_scores(self.cfg)
+
+
+class VideoLocalizer(TrainedModel):
+    """A localizer on videos: each URL's segments (`re2tal.tasks.localization.predict_video`)."""
+
+    def build(self, cfg: Config, artifacts: dict[str, str]) -> nn.Module:
+        from re2tal.tasks.localization import build_model
+
+        return build_model(cfg)
+
+    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+        from re2tal.tasks.localization import predict_video
+
+        scores = self.class_scores()
+        return [_or_error(url, lambda: predict_video(self.model, self.cfg, url, None, scores, labels=self.labels))
+                for url in model_input]
+
+
+class FeatureLocalizer(TrainedModel):
+    """A head trained on features (data.features): each `.npy` feature file's segments, read with
+    the clip geometry of the features it was trained on."""
+
+    def build(self, cfg: Config, artifacts: dict[str, str]) -> nn.Module:
+        from re2tal.data.features import FeatureMeta
+        from re2tal.tasks.features import build_feature_model
+
+        self.meta = FeatureMeta.from_json(json.loads(Path(artifacts["features"]).read_text()))
+        return build_feature_model(cfg, self.meta.channels)
+
+    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+        from re2tal.tasks.features import predict_features
+
+        scores = self.class_scores()
+        return [_or_error(url, lambda: predict_features(self.model, self.cfg, self.meta, url, self.labels, scores))
+                for url in model_input]
+
+
+class VideoClassifier(TrainedModel):
+    """A fine-tuned classifier (re2tal finetune): each video's top classes on its evaluation clip."""
+
+    def build(self, cfg: Config, artifacts: dict[str, str]) -> nn.Module:
+        from re2tal.tasks.finetune import build_classifier
+
+        return build_classifier(cfg)
+
+    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+        from re2tal.tasks.finetune import classify_video
+
+        return [_or_error(url, lambda: classify_video(self.model, self.cfg, url, self.labels)) for url in model_input]
+
+
+def _or_error(url: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One input's answer; one that cannot be read answers `error` instead of failing the others."""
+    try:
+        return run()
+    except BadInput as err:
+        return {"video": url, "error": str(err)}
+
+
+# --------------------------------------------------------------------------------------------
+# logging at the end of a run
+
+
+def model_config(cfg: Config) -> Config:
+    """The config a logged model is built from: no storage credentials (the environment gives
+    them where it is used) and no backbone.pretrained (the weights hold the trained backbone)."""
+    return cfg.with_overrides({"backbone.pretrained": None, "storage.access_key_id": None, "storage.secret_access_key": None})
+
+
+def requirements() -> list[str]:
+    """re2tal's pinned runtime dependencies, as installed here."""
+    try:
+        return [r for r in metadata.requires("re2tal") or [] if "extra ==" not in r]
+    except metadata.PackageNotFoundError:
+        return []
+
+
+def trained_network(cfg: Config, build: Callable[[Config], nn.Module], checkpoint: str) -> nn.Module:
+    """The network `build` makes, with the weights of a checkpoint (EMA if kept)."""
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
+
+    model = build(model_config(cfg))
+    with local_checkpoint(checkpoint, cfg.storage) as path:
+        load_weights(model, path)
+    return model.eval()
+
+
+def log_trained_model(cfg: Config, metrics: dict[str, Any], tracker, python_model: TrainedModel,
+                      build: Callable[[Config], nn.Module], labels: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Log the network of the run's last checkpoint as the run's model (`python_model` answers
+    its predict), registered as a new version of tracking.register_model if set; `extra`: more
+    JSON artifacts ({name: object} -> artifacts/<name>.json). Adds `model_uri` (and
+    `registered_model`) to the metrics. Without MLflow or a checkpoint, nothing; a tracking server
+    that does not take it within tracking.retry_s is a printed line, not a failed run (the
+    checkpoint keeps the weights)."""
+    from re2tal import tracking
+
+    if tracker is None or metrics.get("checkpoint") is None:
+        return metrics
+    model = trained_network(cfg, build, metrics["checkpoint"])
+
+    def save(path: str, mlflow_model) -> None:
+        with tempfile.TemporaryDirectory(prefix="re2tal-model-") as tmp:
+            files = {"config": Path(tmp, "config.yaml"), "weights": Path(tmp, "weights.pt"), "labels": Path(tmp, "labels.json")}
+            files["config"].write_text(model_config(cfg).to_yaml())
+            torch.save({k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, files["weights"])
+            files["labels"].write_text(json.dumps(labels))
+            for name, obj in (extra or {}).items():
+                files[name] = Path(tmp, f"{name}.json")
+                files[name].write_text(json.dumps(obj))
+            with warnings.catch_warnings():  # MLflow's note that it does not validate `Any` outputs
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.pyfunc.save_model(path, python_model=python_model, artifacts={k: str(v) for k, v in files.items()},
+                                         mlflow_model=mlflow_model, pip_requirements=requirements(),
+                                         metadata={"re2tal_model": type(python_model).__name__, "git_commit": tracking.git_commit(),
+                                                   "checkpoint": metrics["checkpoint"]})
+
+    try:
+        logged = tracking.retrying(lambda: tracking.log_model(tracker.uri, tracker.run_id, save, step=int(metrics.get("step") or 0),
+                                                              register=cfg.tracking.register_model), cfg.tracking.retry_s)
+    except Exception as err:
+        print(f"re2tal: the model was not logged to MLflow at {tracker.uri} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+              f"its weights are in {metrics['checkpoint']}", flush=True)
+        return metrics
+    metrics["model_uri"] = logged.uri
+    if logged.registered:
+        metrics["registered_model"] = logged.registered
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> tuple[Config, nn.Module, list[str]]:
+    """A model URI (`runs:/<run_id>/model`, `models:/<model_id>`, `models:/<name>/<version>` or
+    `models:/<name>@<alias>` at `tracking_uri`, default MLflow's; or a local model directory) as
+    (its config, the network with its trained weights on the CPU in eval mode, the names of the
+    head's classes). BadInput if there is no such re2tal model."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        wrapper = mlflow.pyfunc.load_model(local).unwrap_python_model()
+    except (MlflowException, OSError) as err:
+        raise BadInput(f"--model: {uri}: {str(err).splitlines()[0][:300]}") from None
+    if not isinstance(wrapper, TrainedModel):
+        raise BadInput(f"--model: {uri} is an MLflow model, but not one logged by re2tal ({type(wrapper).__name__})")
+    return wrapper.cfg, wrapper.model, wrapper.labels
