@@ -82,7 +82,7 @@ def test_the_model_is_registered_once_and_linked_to_the_run(trained):
     version = client.get_model_version(REGISTERED, "1")
     assert (version.run_id, version.source, metrics["registered_model"]) == (run.info.run_id, model.artifact_location,
                                                                              f"models:/{REGISTERED}/1")
-    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": REGISTERED, "version": "1"}]
+    assert [(v["name"], str(v["version"])) for v in json.loads(model.tags["mlflow.modelVersions"])] == [(REGISTERED, "1")]
 
     # a finished run launched again ends in `finish` again: no second model, no second version
     task = Localization()

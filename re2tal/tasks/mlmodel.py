@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,9 @@ from re2tal.errors import BadInput
 
 class TrainedModel(mlflow.pyfunc.PythonModel):
     """Loads config, labels and weights into `self.cfg`, `self.labels`, `self.model` (CPU, eval
-    mode); a subclass says how the network is built and what `predict` does."""
+    mode); a subclass says how the network is built and what `predict` does with a list of URLs
+    (its input type hint is the model's signature; its output has none: MLflow's for a list of
+    dicts is `Any`, which it warns about on every load)."""
 
     def build(self, cfg: Config, artifacts: dict[str, str]) -> nn.Module:
         raise NotImplementedError
@@ -70,7 +71,7 @@ class VideoLocalizer(TrainedModel):
 
         return build_model(cfg)
 
-    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+    def predict(self, context, model_input: list[str]):
         from re2tal.tasks.localization import predict_video
 
         scores = self.class_scores()
@@ -89,7 +90,7 @@ class FeatureLocalizer(TrainedModel):
         self.meta = FeatureMeta.from_json(json.loads(Path(artifacts["features"]).read_text()))
         return build_feature_model(cfg, self.meta.channels)
 
-    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+    def predict(self, context, model_input: list[str]):
         from re2tal.tasks.features import predict_features
 
         scores = self.class_scores()
@@ -105,7 +106,7 @@ class VideoClassifier(TrainedModel):
 
         return build_classifier(cfg)
 
-    def predict(self, context, model_input: list[str]) -> list[dict[str, Any]]:
+    def predict(self, context, model_input: list[str]):
         from re2tal.tasks.finetune import classify_video
 
         return [_or_error(url, lambda: classify_video(self.model, self.cfg, url, self.labels)) for url in model_input]
@@ -170,12 +171,10 @@ def log_trained_model(cfg: Config, metrics: dict[str, Any], tracker, python_mode
             for name, obj in (extra or {}).items():
                 files[name] = Path(tmp, f"{name}.json")
                 files[name].write_text(json.dumps(obj))
-            with warnings.catch_warnings():  # MLflow's note that it does not validate `Any` outputs
-                warnings.simplefilter("ignore", UserWarning)
-                mlflow.pyfunc.save_model(path, python_model=python_model, artifacts={k: str(v) for k, v in files.items()},
-                                         mlflow_model=mlflow_model, pip_requirements=requirements(),
-                                         metadata={"re2tal_model": type(python_model).__name__, "git_commit": tracking.git_commit(),
-                                                   "checkpoint": metrics["checkpoint"]})
+            mlflow.pyfunc.save_model(path, python_model=python_model, artifacts={k: str(v) for k, v in files.items()},
+                                     mlflow_model=mlflow_model, pip_requirements=requirements(),
+                                     metadata={"re2tal_model": type(python_model).__name__, "git_commit": tracking.git_commit(),
+                                               "checkpoint": metrics["checkpoint"]})
 
     try:
         logged = tracking.retrying(lambda: tracking.log_model(tracker.uri, tracker.run_id, save, step=int(metrics.get("step") or 0),
