@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -135,28 +134,23 @@ def check_files(url: str, storage: StorageConfig, annotations: Annotations, subs
 
 
 def plan_cells(clips: int, video: Video, cfg: Config, meta: FeatureMeta, training: bool, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """The windows of one video's features as (first cell, cells); see the module docstring."""
+    """The windows of one video's features as (first cell, cells): the frame sampler's windows
+    (re2tal.data.sampling) over the video's duration, in steps of the features' grid; see the
+    module docstring."""
     d = cfg.data
     if d.sampling == "uniform":
         return [(0, clips)]
     cells = max(1, round(d.num_frames * d.frame_interval / meta.clip_stride))
-    if clips <= cells:
-        return [(0, cells)]
+    origin = meta.window(0, 1).start
     if training and d.random_truncate:
-        lo, hi = 0, clips - cells
-        if len(video.segments):  # starts whose window overlaps a random action
-            s, e = video.segments[rng.integers(len(video.segments))]
-            origin = meta.window(0, 1).start
-            lo2 = max(lo, math.floor((s - origin) / meta.step) - cells + 1)
-            hi2 = min(hi, math.ceil((e - origin) / meta.step) - 1)
-            if lo2 <= hi2:
-                lo, hi = lo2, hi2
-        return [(int(rng.integers(lo, hi + 1)), cells)]
-    if training:
+        windows = [sampling.random_window(video.duration, meta.step, cells, rng, video.segments)]
+    elif training:
         return [(0, cells)]
-    stride = max(1, round(d.window_stride * d.frame_interval / meta.clip_stride))
-    count = math.ceil((clips - cells) / stride) + 1
-    return [(k * stride, cells) for k in range(count)]
+    else:
+        stride = max(1, round(d.window_stride * d.frame_interval / meta.clip_stride))
+        windows = sampling.sliding_windows(video.duration, meta.step, cells, stride, first_centre=origin + meta.step / 2)
+    starts = [min(clips - 1, max(0, round((w.start - origin) / meta.step))) for w in windows]
+    return [(j0, cells) for j0 in dict.fromkeys(starts)]  # a duration past the features' end: no window twice
 
 
 def make_item(array: np.ndarray, video: Video, j0: int, cells: int, meta: FeatureMeta, seq_len: int) -> dict[str, Any]:
