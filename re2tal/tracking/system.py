@@ -10,6 +10,7 @@ down for a while delays the samples but does not end them, and training never wa
 from __future__ import annotations
 
 import threading
+import time
 
 from re2tal.tracking.tracker import Tracker
 
@@ -40,23 +41,32 @@ class SystemMetrics:
             return 0
         return max((m.step for m in history), default=-1) + 1
 
-    def _sample(self) -> None:
+    def _collect(self) -> dict[str, float]:
         self.sampler.collect_metrics()
-        values = {self.prefix + k: v for k, v in self.sampler.aggregate_metrics().items()}
+        values = self.sampler.aggregate_metrics()
         for monitor in self.sampler.monitors:
             monitor.clear_metrics()
-        self.tracker.metrics(values, step=self.step)
+        return values
+
+    def _sample(self) -> None:
+        self.tracker.metrics({self.prefix + k: v for k, v in self._collect().items()}, step=self.step)
         self.step += 1
+        self._last = time.monotonic()
 
     def _run(self) -> None:
+        # psutil's CPU percentage counts from the same thread's previous call: every call is here,
+        # and this first one is the baseline
+        self._collect()
+        self._last = time.monotonic()
         while not self._stop.wait(self.interval_s):
+            self._sample()
+        if time.monotonic() - self._last >= min(1.0, self.interval_s):  # the last stretch, unless too short to mean much
             self._sample()
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop sampling, after one last sample (a run shorter than the interval has one too);
+        """Stop sampling, after one last sample (so a run shorter than the interval has one too);
         with `own_tracker`, also flush and close the tracker (up to `timeout` s)."""
         self._stop.set()
         self._thread.join()
-        self._sample()
         if self.own_tracker:
             self.tracker.close(timeout)
