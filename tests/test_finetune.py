@@ -154,6 +154,34 @@ def test_the_backbone_file_loads_as_pretrained_and_trains_a_localization_run(fin
     assert metrics["step"] >= 1 and math.isfinite(metrics["average_mAP"])
 
 
+def test_each_finished_launch_logs_the_classifier_as_the_runs_model_which_classifies_videos(finetuned, clip_set, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from re2tal.data.clips import load_clips
+    from re2tal.tasks.finetune import build_classifier
+    from re2tal.tasks.mlmodel import load_model
+    from re2tal.tracking import resolve_uri
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
+
+    first, second, cfg = finetuned
+    uri = resolve_uri(cfg.tracking.tracking_uri)
+    run = MlflowClient(uri).get_run(second["mlflow_run_id"])
+    assert sorted(o.step for o in run.outputs.model_outputs) == [first["step"], second["step"]]  # the resumed run's too
+
+    _, network, labels = load_model(second["model_uri"], tracking_uri=uri)
+    assert labels == load_clips(cfg.data, cfg.storage).labels
+    trained = build_classifier(cfg)
+    with local_checkpoint(second["checkpoint"], cfg.storage) as path:
+        load_weights(trained, path)
+    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), trained.state_dict().values()))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    [answer] = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict([str(sorted(clip_set.glob("*.mp4"))[0])])
+    assert sorted(c["label"] for c in answer["classes"]) == sorted(labels)  # top-3 of 3 classes
+    assert sum(c["score"] for c in answer["classes"]) == pytest.approx(1.0, abs=1e-5)
+
+
 # -- clip annotations (no Ray) ----------------------------------------------------------------
 
 

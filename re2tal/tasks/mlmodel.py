@@ -24,6 +24,7 @@ installed; requirements.txt lists re2tal's own pinned dependencies.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -202,10 +203,35 @@ def load_model(uri: str, tracking_uri: str | None = None) -> tuple[Config, nn.Mo
     from mlflow.exceptions import MlflowException
 
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        location = model_location(uri, tracking_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri, registry_uri=tracking_uri)
         wrapper = mlflow.pyfunc.load_model(local).unwrap_python_model()
     except (MlflowException, OSError) as err:
         raise BadInput(f"--model: {uri}: {str(err).splitlines()[0][:300]}") from None
     if not isinstance(wrapper, TrainedModel):
         raise BadInput(f"--model: {uri} is an MLflow model, but not one logged by re2tal ({type(wrapper).__name__})")
     return wrapper.cfg, wrapper.model, wrapper.labels
+
+
+def model_location(uri: str, tracking_uri: str | None) -> str:
+    """Where the artifacts of a model URI are, looked up at `tracking_uri` (MLflow resolves
+    `models:/` and `runs:/` URIs at its global tracking URI, whatever it is handed):
+    `models:/<model_id>`, `models:/<name>/<version>`, `models:/<name>@<alias>`, or
+    `runs:/<run_id>/<name>` (the run's latest logged model of that name). Other URIs unchanged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if match := re.fullmatch(r"models:/(m-[0-9a-f]+)", uri):
+        return client.get_logged_model(match.group(1)).artifact_location
+    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+        return client.get_model_version_download_uri(match.group(1), match.group(2))
+    if match := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
+        version = client.get_model_version_by_alias(match.group(1), match.group(2)).version
+        return client.get_model_version_download_uri(match.group(1), version)
+    if match := re.fullmatch(r"runs:/([0-9a-f]+)/([^/]+)", uri):
+        run = client.get_run(match.group(1))
+        models = [(o.step, client.get_logged_model(o.model_id)) for o in (run.outputs.model_outputs if run.outputs else [])]
+        named = [(step, m) for step, m in models if m.name == match.group(2)]
+        if named:
+            return max(named, key=lambda sm: sm[0])[1].artifact_location
+    return uri
