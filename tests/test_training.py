@@ -418,6 +418,8 @@ def test_remote_mlflow_server_down_for_30_s_mid_run_neither_stops_nor_slows_trai
     keys = {key for key in s3.fs.find(f"{s3.bucket}/mlartifacts")}
     for name in ("config/resolved.yaml", "predictions/best.json", "plots/map_per_tiou.png", "cache/epoch0002.json"):
         assert any(k.endswith(f"/artifacts/{name}") for k in keys), (name, keys)
+    model_id = metrics["model_uri"].removeprefix("models:/")  # the run's model, through the server to S3 too
+    assert any(k.endswith(f"/models/{model_id}/artifacts/MLmodel") for k in keys), keys
 
 
 # --------------------------------------------------------------------------------------------
