@@ -52,7 +52,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypedDict
+from typing import Callable, Iterable, Iterator, TypedDict
 
 import numpy as np
 import torch
@@ -303,9 +303,10 @@ def collate(clips: list[Clip]) -> dict:
     }
 
 
-def batches(clips: Iterable[Clip], batch_size: int, drop_last: bool = False) -> Iterator[dict]:
-    """Collated batches of `batch_size` consecutive clips (the last one may be smaller)."""
-    group: list[Clip] = []
+def batches(clips: Iterable[Clip], batch_size: int, drop_last: bool = False, collate: Callable[[list], dict] = collate) -> Iterator[dict]:
+    """Collated batches of `batch_size` consecutive clips (the last one may be smaller); `collate`
+    stacks other items (re2tal.data.features)."""
+    group: list = []
     for clip in clips:
         group.append(clip)
         if len(group) == batch_size:

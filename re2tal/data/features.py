@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from re2tal.config import Config, StorageConfig
 from re2tal.data import sampling
 from re2tal.data.annotations import Annotations, Video
-from re2tal.data.dataset import shard
+from re2tal.data import dataset
 from re2tal.data.storage import filesystem, read_bytes
 from re2tal.errors import BadInput
 
@@ -176,14 +176,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def batches(items, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
-    group: list[dict[str, Any]] = []
-    for item in items:
-        group.append(item)
-        if len(group) == batch_size:
-            yield collate(group)
-            group = []
-    if group and not drop_last:
-        yield collate(group)
+    return dataset.batches(items, batch_size, drop_last, collate=collate)
 
 
 class FeatureDataset:
@@ -195,7 +188,7 @@ class FeatureDataset:
                  epoch: int = 0, seed: int = 0, training: bool = True, start: int = 0):
         self.cfg, self.meta, self.training, self.epoch, self.seed = cfg, meta, training, epoch, seed
         videos = annotations.subset(subset)
-        self.videos: list[Video] = [videos[i] for i in shard(len(videos), rank, world_size, epoch, seed, shuffle=training)[start:]]
+        self.videos: list[Video] = [videos[i] for i in dataset.shard(len(videos), rank, world_size, epoch, seed, shuffle=training)[start:]]
 
     def __len__(self) -> int:
         return len(self.videos)
