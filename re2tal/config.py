@@ -405,6 +405,30 @@ class FinetuneConfig(Section):
     _urls = field_validator("output")(check_url)
 
 
+class InferenceConfig(Section):
+    """`re2tal predict` / `extract` / `eval`: the Ray Data job's model actors. Decoding runs in
+    read tasks, one CPU each, on whatever CPUs the actors leave free."""
+
+    actors: PositiveInt | None = Field(None, description="Model actors (`map_batches` actor pool). Default: one per GPU of the cluster with use_gpu, else 1.")
+    use_gpu: bool = Field(False, description="One GPU per actor; false: the actors run on CPUs (cpus_per_actor each).")
+    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs reserved per actor; a CPU actor runs torch on that many threads (at least 1).")
+    batch_size: PositiveInt | None = Field(None, description="Clips per model call. Default: predict / eval data.batch_size (a clip is a window of data.num_frames), extract 32 (a clip is extract.clip_frames).")
+
+
+class ExtractConfig(Section):
+    """`re2tal extract`: clips of every video through the backbone, pooled to one feature vector
+    per clip. Clip k holds the frames k * clip_stride + j * frame_interval (j < clip_frames) of the
+    video's frame grid (its own frames, or frames resampled at `fps`); only whole clips (a video
+    shorter than one clip gives one, its last frame repeated). Frames are decoded at
+    data.short_side and centre-cropped to data.frame_size, as in evaluation. TAdaConv's
+    localization features: clip_frames 8, clip_stride 16, data.short_side 128."""
+
+    clip_frames: PositiveInt = Field(8, description="Frames per clip.")
+    clip_stride: PositiveInt = Field(16, description="Frames of the grid between the starts of consecutive clips (the feature stride).")
+    frame_interval: PositiveInt = Field(1, description="Frames of the grid between consecutive frames of a clip.")
+    fps: PositiveFloat | None = Field(None, description="Resample every video to this frame rate first (frame m of the grid is the frame on screen at (m + 0.5) / fps), so that a clip spans the same time in every video. None: the video's own frames.")
+
+
 # --------------------------------------------------------------------------------------------
 # optimisation, distributed training
 
@@ -622,6 +646,8 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -380,7 +380,7 @@ class Loop:
             os.makedirs(path)
             extra = {"unsent_metrics": self.tracker.unsent()} if self.tracker is not None else None
             checkpoints.save(path, self.engine, dataclasses.asdict(state), self.generator, self.criterion, self.ema, self.worker,
-                             extra)
+                             extra, cfg=self.cfg, labels=self.annotations.labels)
             if self.local:
                 url = checkpoints.persist(self.cfg, path)
                 if is_local(url):

@@ -1,0 +1,267 @@
+"""Batch inference over a collection of videos as one Ray Data job: what `re2tal predict`,
+`extract` and `eval` share. What is run and what is written comes from an `Inference` (the task
+modules re2tal.tasks.predict / extract implement it); this module knows no model.
+
+    read tasks (1 CPU each, any node)      model actors (map_batches)         driver
+    video -> units (clips / windows)  -->  batches of units -> outputs   -->  a video's outputs
+             + error row if unreadable       (model built once per actor)     complete -> its part
+
+- One read task per video (a custom datasource, as the `ray_data` training loader): it fetches
+  the video (node-local cache), decodes its units in chunks (`Inference.units`) and yields them
+  as rows, so a long video streams through in bounded memory. A video that cannot be read gives
+  one row with `error` set instead (after the units it did decode, which are dropped).
+- The model runs in an actor pool (`actors`, each with `gpus_per_actor` GPUs or
+  `cpus_per_actor` CPUs): `Inference.model(device)` is called once per actor, then on every
+  batch of `batch_size` units.
+- The driver gathers each video's outputs; once all `count` units of a video are in, it writes
+  the video's files and then its part `<parts>/<id>.json` (`Inference.part`), each atomically
+  (a temporary name, then a move), so a video has a part only if everything of it is written.
+  A run skips every video that has a part already: a killed job run again does only the rest.
+
+Every actor measures how long it waited for input between batches (`wait_s`, from the moment
+its model was ready) against how long it computed (`compute_s`); `wait_fraction` =
+wait / (wait + compute) over all actors is the share of model time lost to decoding (and to
+Ray's hand-over of batches). Read tasks measure their decoding seconds (`decode_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import posixpath
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+import numpy as np
+
+from re2tal.config import InferenceConfig, StorageConfig
+from re2tal.data import storage as st
+from re2tal.data.annotations import Video
+from re2tal.data.prepare import put_bytes
+from re2tal.data.video import VideoError
+from re2tal.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One model input of a video: a clip (extract) or a window (predict)."""
+
+    index: int  # its place among the video's units
+    count: int  # how many units the video has
+    frames: np.ndarray  # uint8 (N, H, W, 3)
+    meta: dict[str, Any]  # JSON-able: what the driver needs back with the output (window, duration, ...)
+
+
+class Inference(ABC):
+    """What a batch-inference job does. The instance is pickled to every read task and actor:
+    it holds configs and object refs, no open resources and no model."""
+
+    name = "infer"  # the progress bar's label
+
+    @abstractmethod
+    def units(self, video: Video) -> Iterator[list[Unit]]:
+        """(Read task) the video's units, in chunks; VideoError if it cannot be read."""
+
+    @abstractmethod
+    def model(self, device: str) -> Callable[[list[Unit]], list[Any]]:
+        """(Actor, once) a function from a batch of units to one picklable output per unit."""
+
+    @abstractmethod
+    def part(self, video: Video, metas: list[dict], outputs: list[Any]) -> tuple[dict, list[tuple[str, bytes]]]:
+        """(Driver) a finished video, its units' metas and outputs in unit order -> (its record,
+        JSON-able, kept in its part; files (URL, bytes) written before the part)."""
+
+
+@dataclass
+class Result:
+    records: dict[str, dict]  # video id -> its part's record, for every video of the collection with a part
+    failed: list[dict]  # {"id", "url", "reason"} of the videos that could not be read in this run
+    stats: dict[str, Any]
+
+
+def part_url(parts: str, video_id: str) -> str:
+    return f"{parts.rstrip('/')}/{quote(video_id, safe='')}.json"
+
+
+def done(videos: list[Video], parts: str, storage: StorageConfig) -> set[str]:
+    """Ids of the videos that have a part under `parts`."""
+    fs, root = st.filesystem(parts, storage)
+    if not fs.isdir(root):
+        return set()
+    fs.invalidate_cache(root)
+    present = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+    return {v.id for v in videos if posixpath.basename(part_url(parts, v.id)) in present}
+
+
+def read_records(parts: str, ids: list[str], storage: StorageConfig) -> dict[str, dict]:
+    """The records of these videos' parts (read concurrently on object stores)."""
+    if not ids:
+        return {}
+    fs, _ = st.filesystem(parts, storage)
+    paths = {st.filesystem(part_url(parts, i), storage)[1]: i for i in ids}
+    return {paths[p]: json.loads(data)["record"] for p, data in fs.cat(list(paths)).items()}
+
+
+def write(url: str, data: bytes, storage: StorageConfig) -> None:
+    """`data` at `url`, whole or not at all."""
+    fs, path = st.filesystem(url, storage)
+    if st.protocol(url) == "file":
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    put_bytes(fs, path, data)
+
+
+# --------------------------------------------------------------------------------------------
+# the Ray Data pipeline
+
+
+def _error_row(video: Video, reason: str) -> dict[str, Any]:
+    return {"video_id": video.id, "index": -1, "count": 0, "frames": b"", "shape": [0, 0, 0, 0], "meta": "{}", "error": reason,
+            "decode_s": 0.0}
+
+
+def _read_fn(job: Inference, video: Video):
+    def read() -> Iterator:
+        import pyarrow as pa
+
+        def table(rows: list[dict]) -> pa.Table:  # frames: large_binary, as a long window may pass 2 GB
+            return pa.table({k: pa.array([r[k] for r in rows], type=pa.large_binary() if k == "frames" else None) for k in rows[0]})
+
+        started = time.perf_counter()
+        try:
+            for chunk in job.units(video):
+                seconds = (time.perf_counter() - started) / len(chunk)
+                yield table([{"video_id": video.id, "index": u.index, "count": u.count, "frames": u.frames.tobytes(),
+                              "shape": list(u.frames.shape), "meta": json.dumps(u.meta), "error": "", "decode_s": seconds}
+                             for u in chunk])
+                started = time.perf_counter()
+        except VideoError as err:
+            yield table([_error_row(video, str(err))])
+
+    return read
+
+
+def _datasource(job: Inference, videos: list[Video], unit_bytes: int):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class VideoUnits(Datasource):
+        """One read task per video, yielding its units (see the module docstring)."""
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
+            return [ReadTask(_read_fn(job, v), BlockMetadata(num_rows=None, size_bytes=unit_bytes, exec_stats=None, input_files=None))
+                    for v in videos]
+
+    return VideoUnits()
+
+
+class ModelActor:
+    """A map_batches actor: the job's model, applied to batches of units; times its waits."""
+
+    def __init__(self, job: Inference, device: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.apply = job.model(device)
+        self.idle_since = time.perf_counter()  # the model is ready: from now on it waits for input
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        rows = [i for i, e in enumerate(batch["error"]) if not e]
+        units = [Unit(int(batch["index"][i]), int(batch["count"][i]),
+                      np.frombuffer(batch["frames"][i], np.uint8).reshape([int(x) for x in batch["shape"][i]]).copy(),  # writable
+                      json.loads(batch["meta"][i])) for i in rows]
+        outputs = [b""] * len(batch["error"])
+        for i, out in zip(rows, self.apply(units) if units else []):
+            outputs[i] = pickle.dumps(out)
+        n = len(outputs)
+        wait, compute = np.zeros(n), np.zeros(n)  # the batch's, on its first row
+        wait[0], compute[0] = started - self.idle_since, time.perf_counter() - started
+        self.idle_since = time.perf_counter()
+        return {k: batch[k] for k in ("video_id", "index", "count", "meta", "error", "decode_s")} | {
+            "output": np.array(outputs, dtype=object), "wait_s": wait, "compute_s": compute}
+
+
+def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig, settings: InferenceConfig, *, batch_size: int,
+        unit_bytes: int, progress: bool = True) -> Result:
+    """Run `job` over the videos that have no part under `parts` yet (see the module docstring)
+    with the actors `settings` ask for; the records of every video of `videos` that has a part
+    when it ends, the failures, and the job's figures (`stats`). `unit_bytes`: about how big a
+    unit's frames are (Ray Data's memory budget)."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    from re2tal.raycluster import init_ray
+
+    before = done(videos, parts, storage)
+    todo = [v for v in videos if v.id not in before]
+    init_ray()
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    gpus_per_actor = 1 if settings.use_gpu else 0
+    actors = settings.actors or (int(gpus) if settings.use_gpu else 1)
+    if settings.use_gpu and not 0 < actors <= gpus:
+        raise BadInput(f"inference.use_gpu: {actors} actors of one GPU each, but the cluster has {gpus:g} GPUs")
+    if not settings.use_gpu and actors * settings.cpus_per_actor >= cpus:
+        raise BadInput(f"inference.actors: {actors} actors of inference.cpus_per_actor={settings.cpus_per_actor:g} CPUs leave none "
+                       f"of the cluster's {cpus:g} CPUs for decoding")
+    cpus_per_actor = settings.cpus_per_actor  # also a CPU actor's torch threads
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its note that its bars are off
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of our own, counting videos
+    by_id = {v.id: v for v in todo}
+    records: dict[str, dict] = {}
+    failed: list[dict] = []
+    pending: dict[str, dict[int, tuple[dict, Any]]] = {}
+    totals = {"wait_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0}
+    started = time.perf_counter()
+    with tqdm(total=len(todo), unit="video", desc=job.name, disable=not progress, file=sys.stderr, dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]") as bar:  # videos/s, also below 1
+        if todo:
+            ds = ray.data.read_datasource(_datasource(job, todo, unit_bytes), override_num_blocks=len(todo), num_cpus=1)
+            ds = ds.map_batches(ModelActor, fn_constructor_args=(job, "cuda" if gpus_per_actor else "cpu", max(1, int(cpus_per_actor))),
+                                batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+            for row in ds.iter_rows():
+                for key in ("wait_s", "compute_s", "decode_s"):
+                    totals[key] += float(row[key])
+                vid = row["video_id"]
+                if vid not in by_id:  # failed already (units of it may still come)
+                    continue
+                video = by_id[vid]
+                if row["error"]:
+                    del by_id[vid]
+                    pending.pop(vid, None)
+                    failed.append({"id": vid, "url": video.url, "reason": row["error"]})
+                    tqdm.write(f"cannot read {vid} ({video.url}): {row['error']}", file=sys.stderr)
+                    bar.update()
+                    continue
+                totals["units"] += 1
+                units = pending.setdefault(vid, {})
+                units[int(row["index"])] = (json.loads(row["meta"]), pickle.loads(row["output"]))
+                if len(units) == int(row["count"]):
+                    ordered = [units[i] for i in range(len(units))]
+                    record, files = job.part(video, [m for m, _ in ordered], [o for _, o in ordered])
+                    for url, data in files:
+                        write(url, data, storage)
+                    write(part_url(parts, vid), json.dumps({"video": vid, "url": video.url, "record": record}).encode(), storage)
+                    records[vid] = record
+                    del pending[vid], by_id[vid]
+                    bar.update()
+    seconds = time.perf_counter() - started
+    records |= read_records(parts, sorted(before), storage)
+    busy = totals["wait_s"] + totals["compute_s"]
+    processed = len(todo) - len(failed)
+    stats = {"videos": len(videos), "done_before": len(before), "processed": processed, "failed": len(failed),
+             "seconds": seconds, "videos_per_s": processed / seconds if seconds > 0 else 0.0, "units": totals["units"],
+             "actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor, "batch_size": batch_size,
+             "cluster_cpus": cpus, "actor_wait_s": totals["wait_s"], "actor_compute_s": totals["compute_s"],
+             "wait_fraction": totals["wait_s"] / busy if busy > 0 else 0.0, "decode_s": totals["decode_s"]}
+    return Result(records, failed, stats)
