@@ -33,6 +33,7 @@ HANDLERS: dict[str, str] = {
     "bench memory": "re2tal.bench.model:memory_main",
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
+    "bench predict": "re2tal.bench.predict:main",
     "bench map": "re2tal.bench.map:main",
     "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
     _base_dir_arg(p)
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, predict, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "With --real: decode cost of 2-minute 360p and 720p videos (made once under .cache/bench-videos), raw and prepared "
                                      "(re2tal data prepare), per core, with data.loader_threads 1..cores and with the ray_data loader on the local cores.")
     p.add_argument("--real", action="store_true", help="real-resolution decode costs instead (starts a local Ray: several minutes)")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("predict", help="videos/s of predict and extract with 1 and 2 CPU actors; how long the actors wait for decoding",
+                         description="Run the re2tal predict and re2tal extract jobs on the synthetic set (debug model, random weights) "
+                                     "on a local Ray with 1 and 2 CPU model actors: videos/s, the share of the actors' time spent "
+                                     "waiting for decoded input, decode and model seconds per video (a few minutes).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")

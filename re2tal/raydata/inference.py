@@ -21,7 +21,9 @@ modules re2tal.tasks.predict / extract implement it); this module knows no model
 Every actor measures how long it waited for input between batches (`wait_s`, from the moment
 its model was ready) against how long it computed (`compute_s`); `wait_fraction` =
 wait / (wait + compute) over all actors is the share of model time lost to decoding (and to
-Ray's hand-over of batches). Read tasks measure their decoding seconds (`decode_s`).
+Ray's hand-over of batches); `wait_fraction_after_fill` leaves out each actor's wait for its
+first batch (the pipeline filling, paid once per job). Read tasks measure their decoding
+seconds (`decode_s`, fetching included).
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class ModelActor:
         torch.set_num_threads(threads)
         self.apply = job.model(device)
         self.idle_since = time.perf_counter()  # the model is ready: from now on it waits for input
+        self.first = True
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -182,11 +185,12 @@ class ModelActor:
         for i, out in zip(rows, self.apply(units) if units else []):
             outputs[i] = pickle.dumps(out)
         n = len(outputs)
-        wait, compute = np.zeros(n), np.zeros(n)  # the batch's, on its first row
+        wait, compute, fill = np.zeros(n), np.zeros(n), np.zeros(n)  # the batch's, on its first row
         wait[0], compute[0] = started - self.idle_since, time.perf_counter() - started
+        fill[0], self.first = wait[0] if self.first else 0.0, False  # the wait for the pipeline's first units
         self.idle_since = time.perf_counter()
         return {k: batch[k] for k in ("video_id", "index", "count", "meta", "error", "decode_s")} | {
-            "output": np.array(outputs, dtype=object), "wait_s": wait, "compute_s": compute}
+            "output": np.array(outputs, dtype=object), "wait_s": wait, "fill_s": fill, "compute_s": compute}
 
 
 def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig, settings: InferenceConfig, *, batch_size: int,
@@ -220,8 +224,9 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
     records: dict[str, dict] = {}
     failed: list[dict] = []
     pending: dict[str, dict[int, tuple[dict, Any]]] = {}
-    totals = {"wait_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0}
+    totals = {"wait_s": 0.0, "fill_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0}
     started = time.perf_counter()
+    finished: list[float] = []  # when each video's part was written
     with tqdm(total=len(todo), unit="video", desc=job.name, disable=not progress, file=sys.stderr, dynamic_ncols=True,
               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]") as bar:  # videos/s, also below 1
         if todo:
@@ -230,7 +235,7 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
                                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
             for row in ds.iter_rows():
-                for key in ("wait_s", "compute_s", "decode_s"):
+                for key in ("wait_s", "fill_s", "compute_s", "decode_s"):
                     totals[key] += float(row[key])
                 vid = row["video_id"]
                 if vid not in by_id:  # failed already (units of it may still come)
@@ -254,14 +259,20 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
                     write(part_url(parts, vid), json.dumps({"video": vid, "url": video.url, "record": record}).encode(), storage)
                     records[vid] = record
                     del pending[vid], by_id[vid]
+                    finished.append(time.perf_counter())
                     bar.update()
     seconds = time.perf_counter() - started
     records |= read_records(parts, sorted(before), storage)
     busy = totals["wait_s"] + totals["compute_s"]
     processed = len(todo) - len(failed)
     stats = {"videos": len(videos), "done_before": len(before), "processed": processed, "failed": len(failed),
-             "seconds": seconds, "videos_per_s": processed / seconds if seconds > 0 else 0.0, "units": totals["units"],
+             "seconds": seconds, "videos_per_s": processed / seconds if seconds > 0 else 0.0,
+             # from the first video done to the last: without starting the actors and filling the pipeline
+             "videos_per_s_steady": (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 2 else None,
+             "units": totals["units"],
              "actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor, "batch_size": batch_size,
-             "cluster_cpus": cpus, "actor_wait_s": totals["wait_s"], "actor_compute_s": totals["compute_s"],
-             "wait_fraction": totals["wait_s"] / busy if busy > 0 else 0.0, "decode_s": totals["decode_s"]}
+             "cluster_cpus": cpus, "actor_wait_s": totals["wait_s"], "actor_fill_s": totals["fill_s"],
+             "actor_compute_s": totals["compute_s"], "decode_s": totals["decode_s"],
+             "wait_fraction": totals["wait_s"] / busy if busy > 0 else 0.0,
+             "wait_fraction_after_fill": (totals["wait_s"] - totals["fill_s"]) / (busy - totals["fill_s"]) if busy > totals["fill_s"] else 0.0}
     return Result(records, failed, stats)
