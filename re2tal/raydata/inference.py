@@ -224,7 +224,7 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
     records: dict[str, dict] = {}
     failed: list[dict] = []
     pending: dict[str, dict[int, tuple[dict, Any]]] = {}
-    totals = {"wait_s": 0.0, "fill_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0}
+    totals = {"wait_s": 0.0, "fill_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0, "batches": 0}
     started = time.perf_counter()
     finished: list[float] = []  # when each video's part was written
     with tqdm(total=len(todo), unit="video", desc=job.name, disable=not progress, file=sys.stderr, dynamic_ncols=True,
@@ -237,6 +237,7 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
             for row in ds.iter_rows():
                 for key in ("wait_s", "fill_s", "compute_s", "decode_s"):
                     totals[key] += float(row[key])
+                totals["batches"] += row["compute_s"] > 0  # a batch's figures are on its first row
                 vid = row["video_id"]
                 if vid not in by_id:  # failed already (units of it may still come)
                     continue
@@ -269,7 +270,7 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
              "seconds": seconds, "videos_per_s": processed / seconds if seconds > 0 else 0.0,
              # from the first video done to the last: without starting the actors and filling the pipeline
              "videos_per_s_steady": (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 2 else None,
-             "units": totals["units"],
+             "units": totals["units"], "batches": totals["batches"],
              "actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor, "batch_size": batch_size,
              "cluster_cpus": cpus, "actor_wait_s": totals["wait_s"], "actor_fill_s": totals["fill_s"],
              "actor_compute_s": totals["compute_s"], "decode_s": totals["decode_s"],
