@@ -211,7 +211,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(trained, tmp_path, cap
     checkpoint, annotations = trained
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no videos here")
-    video = str(sorted(Path(annotations).parent.glob("*.mp4"))[0])
+    video = str(min(Path(annotations).parent.glob("*.mp4")))
     (tmp_path / "dup" / "a").mkdir(parents=True)
     (tmp_path / "dup" / "b").mkdir()
     for sub in ("a", "b"):
@@ -222,8 +222,9 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(trained, tmp_path, cap
     cases = [
         (["predict", "--model", checkpoint, "--videos", f"{tmp_path / 'empty'}/", "--out", out], "--videos: no video files"),
         (["predict", "--model", checkpoint, "--videos", str(tmp_path / "dup"), "--out", out], "--videos: two videos named 'x'"),
-        (["predict", "--model", str(tmp_path), "--videos", video, "--out", out], "--model: "),
+        (["predict", "--model", str(tmp_path), "--videos", video, "--out", out], "--model: "),  # a folder, not a checkpoint
         (["predict", "--model", str(tmp_path / "nothing"), "--videos", video, "--out", out], "--model: "),
+        (["predict", "--model", "models:/tiny/1", "--videos", video, "--out", out], "--model: "),
         (["predict", "--model", checkpoint, "--videos", annotations, "--subset", "testing", "--out", out], "--subset: "),
         (["predict", "--model", checkpoint, "--videos", video, "--out", out, "--set", "inference.actors=0"], "inference.actors"),
         (["extract", "--config", str(config), "--set", "extract.clip_frames=3", "--out", str(tmp_path / "f")], "extract.clip_frames"),

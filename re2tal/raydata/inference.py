@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 import numpy as np
+from tqdm import tqdm
 
 from re2tal.config import InferenceConfig, StorageConfig
 from re2tal.data import storage as st
@@ -201,79 +202,96 @@ def run(job: Inference, videos: list[Video], parts: str, storage: StorageConfig,
     unit's frames are (Ray Data's memory budget)."""
     import ray
     import ray.data
-    from tqdm import tqdm
 
     from re2tal.raycluster import init_ray
 
     before = done(videos, parts, storage)
     todo = [v for v in videos if v.id not in before]
     init_ray()
-    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
-    gpus_per_actor = 1 if settings.use_gpu else 0
-    actors = settings.actors or (int(gpus) if settings.use_gpu else 1)
-    if settings.use_gpu and not 0 < actors <= gpus:
-        raise BadInput(f"inference.use_gpu: {actors} actors of one GPU each, but the cluster has {gpus:g} GPUs")
-    if not settings.use_gpu and actors * settings.cpus_per_actor >= cpus:
-        raise BadInput(f"inference.actors: {actors} actors of inference.cpus_per_actor={settings.cpus_per_actor:g} CPUs leave none "
-                       f"of the cluster's {cpus:g} CPUs for decoding")
-    cpus_per_actor = settings.cpus_per_actor  # also a CPU actor's torch threads
+    actors, gpus_per_actor = _actors(settings, ray.cluster_resources())
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its note that its bars are off
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of our own, counting videos
-    by_id = {v.id: v for v in todo}
-    records: dict[str, dict] = {}
-    failed: list[dict] = []
-    pending: dict[str, dict[int, tuple[dict, Any]]] = {}
-    totals = {"wait_s": 0.0, "fill_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0, "batches": 0}
+    gather = _Gather(job, todo, parts, storage)
     started = time.perf_counter()
-    finished: list[float] = []  # when each video's part was written
     with tqdm(total=len(todo), unit="video", desc=job.name, disable=not progress, file=sys.stderr, dynamic_ncols=True,
               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]") as bar:  # videos/s, also below 1
         if todo:
             ds = ray.data.read_datasource(_datasource(job, todo, unit_bytes), override_num_blocks=len(todo), num_cpus=1)
-            ds = ds.map_batches(ModelActor, fn_constructor_args=(job, "cuda" if gpus_per_actor else "cpu", max(1, int(cpus_per_actor))),
+            device, threads = "cuda" if gpus_per_actor else "cpu", max(1, int(settings.cpus_per_actor))  # torch threads = its CPUs
+            ds = ds.map_batches(ModelActor, fn_constructor_args=(job, device, threads),
                                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+                                num_cpus=settings.cpus_per_actor, num_gpus=gpus_per_actor or None)
             for row in ds.iter_rows():
-                for key in ("wait_s", "fill_s", "compute_s", "decode_s"):
-                    totals[key] += float(row[key])
-                totals["batches"] += row["compute_s"] > 0  # a batch's figures are on its first row
-                vid = row["video_id"]
-                if vid not in by_id:  # failed already (units of it may still come)
-                    continue
-                video = by_id[vid]
-                if row["error"]:
-                    del by_id[vid]
-                    pending.pop(vid, None)
-                    failed.append({"id": vid, "url": video.url, "reason": row["error"]})
-                    tqdm.write(f"cannot read {vid} ({video.url}): {row['error']}", file=sys.stderr)
-                    bar.update()
-                    continue
-                totals["units"] += 1
-                units = pending.setdefault(vid, {})
-                units[int(row["index"])] = (json.loads(row["meta"]), pickle.loads(row["output"]))
-                if len(units) == int(row["count"]):
-                    ordered = [units[i] for i in range(len(units))]
-                    record, files = job.part(video, [m for m, _ in ordered], [o for _, o in ordered])
-                    for url, data in files:
-                        write(url, data, storage)
-                    write(part_url(parts, vid), json.dumps({"video": vid, "url": video.url, "record": record}).encode(), storage)
-                    records[vid] = record
-                    del pending[vid], by_id[vid]
-                    finished.append(time.perf_counter())
-                    bar.update()
+                bar.update(gather.add(row))
     seconds = time.perf_counter() - started
-    records |= read_records(parts, sorted(before), storage)
-    busy = totals["wait_s"] + totals["compute_s"]
-    processed = len(todo) - len(failed)
-    stats = {"videos": len(videos), "done_before": len(before), "processed": processed, "failed": len(failed),
+    t = gather.totals
+    busy, fill = t["wait_s"] + t["compute_s"], t["fill_s"]
+    processed, finished = len(gather.records), gather.finished
+    stats = {"videos": len(videos), "done_before": len(before), "processed": processed, "failed": len(gather.failed),
              "seconds": seconds, "videos_per_s": processed / seconds if seconds > 0 else 0.0,
              # from the first video done to the last: without starting the actors and filling the pipeline
              "videos_per_s_steady": (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 2 else None,
-             "units": totals["units"], "batches": totals["batches"],
-             "actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor, "batch_size": batch_size,
-             "cluster_cpus": cpus, "actor_wait_s": totals["wait_s"], "actor_fill_s": totals["fill_s"],
-             "actor_compute_s": totals["compute_s"], "decode_s": totals["decode_s"],
-             "wait_fraction": totals["wait_s"] / busy if busy > 0 else 0.0,
-             "wait_fraction_after_fill": (totals["wait_s"] - totals["fill_s"]) / (busy - totals["fill_s"]) if busy > totals["fill_s"] else 0.0}
-    return Result(records, failed, stats)
+             "units": t["units"], "batches": t["batches"], "actors": actors, "cpus_per_actor": settings.cpus_per_actor,
+             "gpus_per_actor": gpus_per_actor, "batch_size": batch_size, "actor_wait_s": t["wait_s"], "actor_fill_s": fill,
+             "actor_compute_s": t["compute_s"], "decode_s": t["decode_s"], "wait_fraction": t["wait_s"] / busy if busy > 0 else 0.0,
+             "wait_fraction_after_fill": (t["wait_s"] - fill) / (busy - fill) if busy > fill else 0.0}
+    return Result(gather.records | read_records(parts, sorted(before), storage), gather.failed, stats)
+
+
+def _actors(settings: InferenceConfig, cluster: dict[str, float]) -> tuple[int, int]:
+    """(actors, GPUs per actor) that `settings` ask for and the cluster can hold, leaving CPUs
+    for the read tasks."""
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if settings.use_gpu:
+        actors = settings.actors or int(gpus)
+        if not 0 < actors <= gpus:
+            raise BadInput(f"inference.use_gpu: {actors} actors of one GPU each, but the cluster has {gpus:g} GPUs")
+        return actors, 1
+    actors = settings.actors or 1
+    if actors * settings.cpus_per_actor >= cpus:
+        raise BadInput(f"inference.actors: {actors} actors of inference.cpus_per_actor={settings.cpus_per_actor:g} CPUs leave none "
+                       f"of the cluster's {cpus:g} CPUs for decoding")
+    return actors, 0
+
+
+class _Gather:
+    """The driver's side: a video's outputs until all its units are in, then its files and part."""
+
+    def __init__(self, job: Inference, todo: list[Video], parts: str, storage: StorageConfig):
+        self.job, self.parts, self.storage = job, parts, storage
+        self.open = {v.id: v for v in todo}  # neither done nor failed yet
+        self.units: dict[str, dict[int, tuple[dict, Any]]] = {}
+        self.records: dict[str, dict] = {}
+        self.failed: list[dict] = []
+        self.finished: list[float] = []  # when each video's part was written
+        self.totals = {"wait_s": 0.0, "fill_s": 0.0, "compute_s": 0.0, "decode_s": 0.0, "units": 0, "batches": 0}
+
+    def add(self, row: dict[str, Any]) -> int:
+        """Take one output row; 1 if it finished a video (done or failed), else 0."""
+        for key in ("wait_s", "fill_s", "compute_s", "decode_s"):
+            self.totals[key] += float(row[key])
+        self.totals["batches"] += row["compute_s"] > 0  # a batch's figures are on its first row
+        video = self.open.get(row["video_id"])
+        if video is None:  # failed already: units it decoded before failing may still come
+            return 0
+        if row["error"]:
+            del self.open[video.id]
+            self.units.pop(video.id, None)
+            self.failed.append({"id": video.id, "url": video.url, "reason": row["error"]})
+            tqdm.write(f"cannot read {video.id} ({video.url}): {row['error']}", file=sys.stderr)  # above the progress bar
+            return 1
+        self.totals["units"] += 1
+        units = self.units.setdefault(video.id, {})
+        units[int(row["index"])] = (json.loads(row["meta"]), pickle.loads(row["output"]))
+        if len(units) < int(row["count"]):
+            return 0
+        ordered = [units[i] for i in range(len(units))]
+        record, files = self.job.part(video, [m for m, _ in ordered], [o for _, o in ordered])
+        for url, data in files:
+            write(url, data, self.storage)
+        write(part_url(self.parts, video.id), json.dumps({"video": video.id, "url": video.url, "record": record}).encode(), self.storage)
+        self.records[video.id] = record
+        del self.open[video.id], self.units[video.id]
+        self.finished.append(time.perf_counter())
+        return 1

@@ -58,9 +58,12 @@ def load_model(spec: str, cfg: Config | None, overrides: dict[str, Any], storage
 def _from_checkpoint(url: str, cfg: Config | None, overrides: dict[str, Any], storage: StorageConfig, flag: str) -> Model:
     from re2tal.data.annotations import load_annotations
     from re2tal.tasks.localization import build_model
-    from re2tal.training.checkpoints import CONFIG, load_weights, local_checkpoint, model_info
+    from re2tal.training.checkpoints import CONFIG, STATE_TAG, load_weights, local_checkpoint, model_info
 
     with local_checkpoint(url, storage, flag) as path:
+        if not (path / STATE_TAG).is_dir():
+            raise BadInput(f"{flag}: {url} is not a re2tal checkpoint (no {STATE_TAG}/ folder); give a checkpoint directory "
+                           f"such as <train.storage_path>/<train.name>/epochEEEE-stepSSSSSSSS")
         tree, labels = model_info(path)
         if cfg is None:
             if tree is None:
@@ -79,7 +82,7 @@ def storage_for(cfg: Config | None, overrides: dict[str, Any]) -> StorageConfig:
     `storage.*` overrides on top."""
     from pydantic import ValidationError
 
-    from re2tal.config import StorageConfig as Storage, format_error
+    from re2tal.config import format_error
     from re2tal.raydata.prepare import storage_from_environment
 
     if cfg is not None:
@@ -90,7 +93,7 @@ def storage_for(cfg: Config | None, overrides: dict[str, Any]) -> StorageConfig:
     tree = storage_from_environment().model_dump()
     tree = {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v for k, v in tree.items()} | changes
     try:
-        return Storage.model_validate(tree)
+        return StorageConfig.model_validate(tree)
     except ValidationError as err:
         raise BadInput(f"storage.{format_error(err)}") from None
 
@@ -173,7 +176,7 @@ def predict(model: Model, videos: list[Video], out: str, progress: bool = True) 
                            unit_bytes=d.num_frames * d.short_side * d.short_side * 16 // 9 * 3, progress=progress)
     submission = job.submission([], [], [], [])  # the envelope: version, external_data
     submission["results"] = {v.id: result.records[v.id]["segments"] for v in videos if v.id in result.records}
-    inference.write(out, json.dumps(submission, indent=1).encode(), cfg.storage)
+    inference.write(out, json.dumps(submission).encode(), cfg.storage)
     return submission, result
 
 
@@ -182,7 +185,8 @@ def evaluate(model: Model, out: str | None, progress: bool = True) -> tuple[dict
     it; (the metrics, the submission, the job's result)."""
     import tempfile
 
-    from re2tal.evaluation import evaluate as score, parse_thresholds
+    from re2tal.evaluation import parse_thresholds
+    from re2tal.evaluation import evaluate as score
     from re2tal.tasks.localization import Localization, ground_truth
 
     cfg, task = model.cfg, Localization()
