@@ -233,3 +233,15 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(trained, tmp_path, cap
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"re2tal {argv[0]}: error: " in err[0] and named in err[0], (argv, err)
+
+
+def test_videos_of_an_annotation_file_are_its_subsets_files(trained):
+    from re2tal.data.collection import collection
+
+    _, annotations = trained
+    data = validate({**TINY, "data": {**TINY["data"], "annotations": "elsewhere.json"}}).data
+    tree = json.loads(Path(annotations).read_text())["database"]
+    for subsets in (["validation"], ["training"], None):
+        videos = collection(annotations, data, StorageConfig(), subsets)
+        assert [v.id for v in videos] == [k for k, e in tree.items() if subsets is None or e["subset"] in subsets]
+        assert all(Path(v.url) == Path(annotations).parent / f"{v.id}.mp4" and Path(v.url).exists() for v in videos)

@@ -106,6 +106,10 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
     assert 0.0 <= metrics["average_mAP"] <= 1.0 and metrics["peak_memory_gb"] > 0.1
     checkpoint = Path(metrics["checkpoint"])
     assert (checkpoint / "state").is_dir() and (checkpoint / "worker_rank0.pt").exists() and (checkpoint / "worker_rank1.pt").exists()
+    # what the model is, from rank 0: the resolved config (validating again, credentials left out) and the label map
+    kept = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    assert validate(kept) == cfg.with_overrides({"storage.access_key_id": None, "storage.secret_access_key": None})
+    assert yaml.safe_load((checkpoint / "labels.json").read_text()) == ["disk_sway", "square_bob"]
 
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
