@@ -318,15 +318,16 @@ class BackboneConfig(Section):
 
 
 class NmsConfig(Section):
-    """Post-processing: segment decoding and Soft-NMS."""
+    """Post-processing, as OpenTAD's: candidates per clip, one Soft-NMS per video (+ boundary voting)."""
 
-    pre_nms_topk: PositiveInt = Field(2000, description="Candidates (point, class) of highest score kept per clip, over all levels, before NMS.")
-    pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Candidates below this score are dropped before NMS.")
-    sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma).")
-    min_score: NonNegativeFloat = Field(0.001, description="Segments below this score after NMS are dropped.")
+    pre_nms_topk: PositiveInt = Field(2000, description="Multi-class heads: candidates (point, class) of highest score kept per clip, over all levels. A class-agnostic head's candidates are all its real points (OpenTAD).")
+    pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Multi-class heads: candidates not scoring above this are dropped before NMS.")
+    sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma) (tIoU with 1e-6 added to each length, as OpenTAD's).")
+    min_score: NonNegativeFloat = Field(0.001, description="Segments whose score falls below this during Soft-NMS are dropped.")
     min_length: NonNegativeFloat = Field(0.001, description="Decoded segments not longer than this (in grid steps) are dropped before NMS.")
-    max_segments: PositiveInt = Field(100, description="Segments kept per video.")
-    class_agnostic: bool = Field(False, description="Run NMS over all classes together instead of per class (also when merging sliding windows).")
+    max_segments: PositiveInt = Field(100, description="Segments kept per video (and per class before that, with per-class NMS).")
+    class_agnostic: bool = Field(False, description="One Soft-NMS over all classes instead of one per class.")
+    voting_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Boundary voting (OpenTAD's seg_voting): each kept segment becomes the score-weighted mean of the video's candidates overlapping it by tIoU >= this. Applied only with class_agnostic NMS (OpenTAD skips it per class). 0: off.")
     external_scores: str | None = Field(None, description="URL of video-level class scores JSON ({video: {label: score}}) fused as score * class score (needs head.num_classes=1).")
     topk_classes: PositiveInt = Field(2, description="With external_scores: each segment is repeated for this many top-scoring classes of its video.")
 
