@@ -63,6 +63,18 @@ def clip_annotations(url: str) -> bool:
 # data, storage, augmentation
 
 
+def _pair(lo_min: float, hi_max: float):
+    def check(v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
+        lo, hi = v
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise ValueError(f"needs {lo_min} <= low <= high <= {hi_max}, got {list(v)}")
+        return v
+
+    return check
+
+
 class SynthConfig(Section):
     """A synthetic TAL dataset (`re2tal data synth`), generated at `data.annotations`' location
     when that file does not exist yet. The embedded default dataset of the debug mode."""
@@ -101,6 +113,9 @@ class DataConfig(Section):
     frame_interval: PositiveInt = Field(1, description="sliding: take every k-th frame of the video.")
     window_stride: PositiveInt | None = Field(None, description="sliding: sampled frames between the starts of consecutive evaluation windows. Default: num_frames // 2 (50% overlap).")
     random_truncate: bool = Field(True, description="sliding, training: pick a random window of each video instead of the first.")
+    truncate_threshold: float | None = Field(None, gt=0.0, le=1.0, description="sliding, training with random_truncate: OpenTAD's random_trunc rule: window starts (whole samples) drawn uniformly, up to 200, until the window holds at least this fraction of some annotated segment; only segments with this fraction inside are the clip's targets. None: a random window overlapping a randomly chosen segment, every overlapping segment a target.")
+    truncate_crop_ratio: tuple[float, float] | None = Field(None, description="With truncate_threshold: a video not longer than a window is cut to a random length in [low, high] x its length (OpenTAD's crop_ratio), the rest of the window padding. None: taken whole.")
+    last_window: Literal["padded", "end_aligned"] = Field("padded", description="sliding, evaluation: the last window runs past the video's end with padding, or is moved back to end at its last sample (OpenTAD's).")
     frame_size: PositiveInt = Field(224, description="Side of the square crop fed to the backbone (pixels).")
     short_side: PositiveInt | None = Field(None, description="Frames are resized so their short side is this before cropping. Default: frame_size.")
     batch_size: PositiveInt = Field(1, description="Clips per worker per step.")
@@ -109,9 +124,13 @@ class DataConfig(Section):
     prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of those being decoded, per worker (also the number of fetching threads, at least 1).")
     max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing / unreadable videos skipped (and logged with id and URL) per worker and epoch before the run fails.")
     decode_timeout_s: PositiveFloat = Field(300.0, description="A video whose next clip takes longer than this to decode is skipped as bad.")
+    ignore_labels: list[str] = Field(default_factory=list, description="Annotated segments with these labels are left out everywhere (no class, no target, no ground truth), e.g. THUMOS-14's `Ambiguous`, which OpenTAD skips.")
+    min_segment_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Training targets: segments of train_subset videos shorter than this fraction of their video are left out (OpenTAD's ActivityNet filter_gt: 0.01).")
+    blocked_videos: str | None = Field(None, description="URL of a JSON list of video ids (or a text file, one id a line) left out of every subset, e.g. OpenTAD's ActivityNet `blocked.json` (validation videos no longer on YouTube).")
     synth: SynthConfig | None = Field(None, description="Generate a synthetic dataset at `annotations`' location if it does not exist.")
 
-    _urls = field_validator("annotations", "video_root")(check_url)
+    _urls = field_validator("annotations", "video_root", "blocked_videos")(check_url)
+    _crop = field_validator("truncate_crop_ratio")(_pair(1e-3, 1.0))
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +148,8 @@ class DataConfig(Section):
     def _sizes(self) -> "DataConfig":
         if self.short_side is not None and self.short_side < self.frame_size:
             raise ValueError(f"short_side: {self.short_side} is smaller than frame_size={self.frame_size}; frames cannot be cropped to that size")
+        if self.truncate_crop_ratio is not None and self.truncate_threshold is None:
+            raise ValueError("truncate_crop_ratio: applies to OpenTAD's truncation rule; set truncate_threshold too")
         return self
 
 
@@ -154,16 +175,6 @@ class StorageConfig(Section):
             missing = "secret_access_key" if self.secret_access_key is None else "access_key_id"
             raise ValueError(f"{missing}: access_key_id and secret_access_key must be given together")
         return self
-
-
-def _pair(lo_min: float, hi_max: float):
-    def check(v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (lo_min <= lo <= hi <= hi_max):
-            raise ValueError(f"needs {lo_min} <= low <= high <= {hi_max}, got {list(v)}")
-        return v
-
-    return check
 
 
 class AugmentConfig(Section):
