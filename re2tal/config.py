@@ -190,11 +190,16 @@ class AugmentConfig(Section):
     temporal_jitter: bool = Field(True, description="Shift each sampled frame index randomly within its sampling interval.")
     rotation: bool = Field(False, description="Random rotation.")
     rotation_degrees: NonNegativeFloat = Field(10.0, description="Maximum rotation angle.")
+    rand_augment: bool = Field(False, description="RandAugment as mmaction's ImgAug(transforms='default') that OpenTAD's end-to-end configs use: rand_augment_ops of its 15 image ops (shear, translate, rotate, posterize, solarize, colour, contrast, brightness, sharpness, autocontrast, equalize, invert, cutout), distinct, in that order, at rand_augment_magnitude.")
+    rand_augment_ops: PositiveInt = Field(2, le=15, description="RandAugment: ops applied per clip.")
+    rand_augment_magnitude: float = Field(0.9, ge=0.0, le=1.0, description="RandAugment: strength as a fraction of each op's maximum (mmaction's 9 / 10).")
     color_jitter: bool = Field(False, description="Random brightness / contrast / saturation / hue.")
     brightness: NonNegativeFloat = Field(0.4, description="Color jitter brightness strength.")
     contrast: NonNegativeFloat = Field(0.4, description="Color jitter contrast strength.")
     saturation: NonNegativeFloat = Field(0.4, description="Color jitter saturation strength.")
     hue: float = Field(0.1, ge=0.0, le=0.5, description="Color jitter hue strength (<= 0.5).")
+
+    eval_resize: bool = Field(False, description="Evaluation: resize frames so their short side is data.frame_size before the centre crop, which then spans the whole short side (OpenTAD's Resize(-1, 224) + CenterCrop(224)); false: a centre crop of the decoded frames (short side data.short_side).")
 
     _scale = field_validator("crop_scale")(_pair(1e-3, 1.0))
     _ratio = field_validator("crop_ratio")(_pair(1e-2, 100.0))
