@@ -360,6 +360,7 @@ class HeadConfig(Section):
     abs_position: bool = Field(True, description="Add a sinusoidal position encoding after the projection (the grid has a fixed length).")
     stem_layers: NonNegativeInt = Field(2, description="Transformer layers at full resolution.")
     fpn_levels: PositiveInt = Field(6, description="Pyramid levels (each halves the temporal length).")
+    encoder: Literal["plain", "actionformer"] = Field("plain", description="Transformer blocks of the neck: `plain` pre-norm blocks (linear q / k / v, levels max-pooled between blocks), or `actionformer`, ActionFormer's own (OpenTAD's TransformerBlock + MaskedMHCA: depth-wise conv + LayerNorm before each of q / k / v, strided in the downsampling blocks; LayerScale 1e-4 on both branches when drop_path > 0; position encoding / sqrt(embed_dim)).")
     attn_window: int = Field(7, description="Local self-attention window (odd; -1: global).")
     num_attn_heads: PositiveInt = Field(4, description="Attention heads in the encoder.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the encoder.")
