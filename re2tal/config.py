@@ -463,7 +463,9 @@ class TrainConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker.")
     eval_every_epochs: PositiveInt = Field(1, description="Evaluate on the validation subset every k epochs (and after the last).")
-    report_every_steps: PositiveInt = Field(10, description="Report training metrics every k optimizer steps.")
+    report_every_steps: PositiveInt = Field(10, description="Log training metrics (losses averaged over the k steps, learning "
+                                            "rates, clips/s, peak memory) to MLflow every k optimizer steps, in the background. "
+                                            "Ray Train (and Tune) get a report only at evaluations and checkpoints.")
     seed: int = Field(0, description="Seed of model init, sampling and augmentation.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept in storage_path.")
@@ -606,6 +608,10 @@ class TrackingConfig(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file.db or http(s)://server).")
     experiment: str = Field("re2tal", description="MLflow experiment name.")
     timeline_videos: NonNegativeInt = Field(4, description="Validation videos drawn in the detection timeline plot.")
+    retry_s: NonNegativeFloat = Field(600.0, description="How long records the tracking server did not take (down, restarting, "
+                                      "unreachable) are retried at the end of a run before it ends without them. Training never "
+                                      "waits for the server: records are sent in the background and retried every few seconds; "
+                                      "metrics still unsent at a checkpoint are kept in it and sent by a resumed run.")
 
     @field_validator("tracking_uri")
     @classmethod

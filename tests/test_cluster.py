@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from re2tal.tasks.localization import Localization
 from test_training import ROOT, SYNTH, STEPS_PER_EPOCH, mlflow_run, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -121,13 +122,13 @@ def checkpoint_dirs(s3_set: dict, name: str) -> set[str]:
 
 
 def fit_in_background(cfg) -> tuple[threading.Thread, dict]:
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     out: dict = {}
 
     def run() -> None:
         try:
-            out["metrics"] = fit(cfg, show_progress=False)
+            out["metrics"] = fit(cfg, Localization(), show_progress=False)
         except BaseException as err:  # handed to the test thread
             out["error"] = err
 
@@ -208,7 +209,7 @@ def test_node_lost_mid_run_resumes_on_a_replacement_node_from_s3(cluster, s3_set
 
 def test_without_a_replacement_the_run_fails_in_one_line_and_a_relaunch_skips_a_half_uploaded_checkpoint(
         cluster, s3_set, tmp_path):
-    from re2tal.training.trainer import TrainingStopped, fit
+    from re2tal.training.driver import TrainingStopped, fit
 
     cluster.add("a")
     cluster.add("b")
@@ -236,7 +237,7 @@ def test_without_a_replacement_the_run_fails_in_one_line_and_a_relaunch_skips_a_
     fs.pipe_file(f"{base}/{half}/state/mp_rank_00_model_states.pt", b"truncated")
 
     cluster.add("c")  # capacity is back: relaunch the same run
-    metrics = fit(cfg, show_progress=False)
+    metrics = fit(cfg, Localization(), show_progress=False)
     assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"

@@ -19,7 +19,7 @@ from re2tal.bench.model import Runner, SavedTensors, build_model
 from re2tal.config import load_config
 from re2tal.planning.plan import Planner, measure_step, optimizer_groups
 from re2tal.planning.zero_layout import zero_memory
-from re2tal.training.model import build_model as build_localizer
+from re2tal.tasks.localization import build_model as build_localizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"

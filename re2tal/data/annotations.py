@@ -64,6 +64,14 @@ class Annotations:
                 return v
         raise KeyError(video_id)
 
+    def check_subsets(self, data: DataConfig) -> None:
+        """Both subsets a run reads (data.train_subset, data.val_subset) have videos."""
+        for key in ("train_subset", "val_subset"):
+            try:
+                self.subset(getattr(data, key))
+            except BadInput as err:
+                raise BadInput(f"data.{key}: {err}") from None
+
 
 def video_root(data: DataConfig) -> str:
     if data.video_root is not None:

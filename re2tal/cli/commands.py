@@ -1,63 +1,69 @@
-"""`re2tal train | tune | eval | predict`: argument handling and what is printed."""
+"""The handlers of `re2tal train | finetune | tune | eval | predict | plan`: which task a command
+runs, and what it prints."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
 
 from re2tal.config import Config
+from re2tal.training.task import Task
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace) -> int:
+    from re2tal.tasks.localization import Localization
+
+    return _run(args, Localization(), "train")
+
+
+def finetune(args: argparse.Namespace) -> int:
+    from re2tal.tasks.finetune import Finetune
+
+    return _run(args, Finetune(), "finetune")
+
+
+def _run(args: argparse.Namespace, task: Task, command: str) -> int:
+    """Train the task; print its summary table, where the checkpoint, its outputs and the MLflow
+    run are."""
+    from rich.console import Console
+    from rich.table import Table
+
     from re2tal import console as quiet
-    from re2tal.training.trainer import TrainingStopped, fit
+    from re2tal.training.driver import TrainingStopped, fit
 
     cfg: Config = args.cfg
     if not args.verbose:
         quiet.quiet_driver()
     try:
-        metrics = fit(cfg, local=args.local, verbose=args.verbose)
+        metrics = fit(cfg, task, local=args.local, verbose=args.verbose)
     except TrainingStopped as err:
-        print(f"re2tal train: {err}", file=sys.stderr)
+        print(f"re2tal {command}: {err}", file=sys.stderr)
         return 1
-    print_summary(cfg, metrics)
-    return 0
-
-
-def print_summary(cfg: Config, metrics: dict[str, Any]) -> None:
-    """The final table: mAP per threshold, against random predictions, memory and throughput, and
-    where the checkpoint and the MLflow run are."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"re2tal run {cfg.train.name}", show_header=True)
+    table = Table(title=f"re2tal {command} {cfg.train.name}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in sorted(k for k in metrics if k.startswith("mAP_")):
-        table.add_row(f"mAP@{key.removeprefix('mAP_')}", f"{metrics[key]:.4f}")
-    rows = [("average mAP", "average_mAP", "{:.4f}"), ("average mAP of random predictions", "random_average_mAP", "{:.4f}"),
-            ("peak memory per worker (GB)", "peak_memory_gb", "{:.2f}"),
-            ("predicted peak memory per worker (GB)", "predicted_peak_memory_gb", "{:.2f}"), ("clips / s", "clips_per_s", "{:.2f}"),
-            ("videos / s", "videos_per_s", "{:.2f}"), ("data-wait fraction", "data_wait_fraction", "{:.3f}"),
-            ("optimizer steps", "step", "{}"), ("epochs", "epoch", "{}")]
-    for label, key, fmt in rows:
-        if metrics.get(key) is not None:
-            table.add_row(label, fmt.format(metrics[key]))
+    for label, value in task.summary(metrics):
+        table.add_row(label, value)
     console = Console()
     console.print(table)
     if metrics.get("checkpoint"):
-        console.print(f"checkpoint: {metrics['checkpoint']}")
+        console.print(f"checkpoint: {metrics['checkpoint']}", soft_wrap=True)
+    if metrics.get("backbone_file"):
+        console.print(f"backbone file: {metrics['backbone_file']}  (a localization config loads it: "
+                      f"--set backbone.pretrained={metrics['backbone_file']})", soft_wrap=True)
     if metrics.get("mlflow_run_id"):
         print_mlflow_link(console, cfg, f"MLflow run {metrics['mlflow_run_id']}")
+    return 0
 
 
 def print_mlflow_link(console, cfg: Config, what: str) -> None:
     """Where the run is in MLflow, and a link that opens the experiment's training-runs view."""
-    from re2tal.tracking import _client, experiment_url, resolve_uri
+    from re2tal.tracking import _client, experiment_url
 
-    uri = resolve_uri(cfg.tracking.tracking_uri)
+    uri = cfg.tracking.tracking_uri
     exp = _client(uri).get_experiment_by_name(cfg.tracking.experiment)
     console.print(f"{what} (experiment {cfg.tracking.experiment!r}) in {uri}", soft_wrap=True)
     if uri.startswith("sqlite:"):
@@ -66,12 +72,14 @@ def print_mlflow_link(console, cfg: Config, what: str) -> None:
         console.print(f"  open: {experiment_url(uri, exp.experiment_id)}", soft_wrap=True)
 
 
-def tune_command(args: argparse.Namespace) -> int:
-    """Run the sweep; print its trials best first, where the best config is and the MLflow link."""
+def tune(args: argparse.Namespace) -> int:
+    """Run the sweep of localization runs; print its trials best first, where the best config is
+    and the MLflow link."""
     from rich.console import Console
     from rich.table import Table
 
     from re2tal import console as quiet
+    from re2tal.tasks.localization import Localization
     from re2tal.tuning import sweep
     from re2tal.tuning.space import swept_keys
     from re2tal.tuning.summary import fmt
@@ -79,7 +87,7 @@ def tune_command(args: argparse.Namespace) -> int:
     cfg: Config = args.cfg
     if not args.verbose:
         quiet.quiet_driver()
-    result = sweep(cfg, verbose=args.verbose)
+    result = sweep(cfg, Localization(), verbose=args.verbose)
     # A case's keys are said by its name; the CSV on the parent run has them all.
     case_keys = set(swept_keys(cfg.tune)) - set(cfg.tune.space)
     columns = [c for c in result.columns if c not in case_keys]
@@ -116,27 +124,26 @@ def _header(column: str) -> str:
     return column.rsplit(".", 1)[-1]
 
 
-def eval_command(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace) -> int:
     """Predict the validation subset with a checkpoint (one process) and score it."""
     import torch
 
     from re2tal.data.dataset import VideoDataset, batches
     from re2tal.evaluation import evaluate, parse_thresholds
+    from re2tal.tasks.localization import Localization, ground_truth, label_names, predict
     from re2tal.tracking import write_json
-    from re2tal.training.inference import ground_truth, label_names, load_weights, local_checkpoint, predict
-    from re2tal.training.model import build_model
-    from re2tal.training.trainer import prepare
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
 
     cfg: Config = args.cfg
-    annotations = prepare(cfg)
-    model = build_model(cfg)
-    with local_checkpoint(args.checkpoint, cfg) as path:
+    task = Localization()
+    annotations = task.check_data(cfg)
+    model = task.build_model(cfg)
+    with local_checkpoint(args.checkpoint, cfg.storage) as path:
         weights = load_weights(model, path)
-    class_scores = _class_scores(cfg)
+    scores = task.class_scores(cfg)
     ds = VideoDataset(cfg, cfg.data.val_subset, training=False, annotations=annotations)
-    submission = predict(model, batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"),
-                         label_names(cfg, annotations, class_scores), class_scores)
-    truth = ground_truth(cfg, annotations, cfg.data.val_subset, class_scores)
+    submission = predict(model, batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"), label_names(cfg, annotations, scores), scores)
+    truth = ground_truth(cfg, annotations, cfg.data.val_subset, scores)
     result = evaluate(truth, submission, cfg.data.val_subset, parse_thresholds(cfg.train.tiou_thresholds))
     result["weights"] = weights
     if args.predictions:
@@ -150,10 +157,8 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_command(args: argparse.Namespace) -> int:
+def predict(args: argparse.Namespace) -> int:
     """One video -> its segments (seconds) as JSON, alone on stdout (libraries' logs go to stderr)."""
-    import contextlib
-
     from re2tal.tracking import write_json
 
     with contextlib.redirect_stdout(sys.stderr):
@@ -166,7 +171,7 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_video(args: argparse.Namespace) -> dict:
+def _predict_video(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -174,13 +179,14 @@ def _predict_video(args: argparse.Namespace) -> dict:
     from re2tal.data.dataset import batches, make_clip, plan_windows
     from re2tal.data.video import VideoError, VideoFile, VideoSource
     from re2tal.errors import BadInput
-    from re2tal.training.inference import label_names, load_weights, local_checkpoint, predict
-    from re2tal.training.model import build_model
+    from re2tal.tasks.localization import Localization, label_names, predict
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
 
     cfg: Config = args.cfg
+    task = Localization()
     annotations = load_annotations(cfg.data, cfg.storage)  # the label map
-    model = build_model(cfg)
-    with local_checkpoint(args.checkpoint, cfg) as path:
+    model = task.build_model(cfg)
+    with local_checkpoint(args.checkpoint, cfg.storage) as path:
         load_weights(model, path)
     name = args.url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
     try:
@@ -192,15 +198,25 @@ def _predict_video(args: argparse.Namespace) -> dict:
                      for w in plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))]
     except VideoError as err:
         raise BadInput(f"{args.url}: cannot read video ({err})") from None
-    class_scores = _class_scores(cfg)
-    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, torch.device("cpu"),
-                         label_names(cfg, annotations, class_scores), class_scores)
+    scores = task.class_scores(cfg)
+    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, torch.device("cpu"), label_names(cfg, annotations, scores), scores)
     return {"video": args.url, "duration": video.duration, "segments": submission["results"].get(name, [])}
 
 
-def _class_scores(cfg: Config):
-    if cfg.head.nms.external_scores is None:
-        return None
-    from re2tal.detection import load_class_scores
+def plan(args: argparse.Namespace) -> int:
+    """`re2tal plan` of a localization config: the table, and the JSON with --json."""
+    from pathlib import Path
 
-    return load_class_scores(cfg.head.nms.external_scores, cfg.storage)
+    from re2tal.errors import BadInput
+    from re2tal.planning.plan import format_plan, make_plan
+    from re2tal.tasks.localization import build_model
+
+    if args.gpu_memory_gb <= 0:
+        raise BadInput(f"--gpu-memory-gb: must be positive, got {args.gpu_memory_gb}")
+    result = make_plan(args.cfg, build_model, args.gpu_memory_gb)
+    print(format_plan(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0

@@ -2,34 +2,33 @@
 
 Re²TAL's first stage: a backbone rewired into Re² form computes another function than the one
 its Kinetics weights were trained for, and the authors recover its accuracy by fine-tuning it on
-Kinetics-400 (30 epochs) before localization. This is that run, on the localization run's
-machinery: the same Ray Train + DeepSpeed trainer (checkpoints, resume, MLflow), data layer
-(storage, cache, sampling, the five augmentations) and config; only the task hooks differ:
+Kinetics-400 (30 epochs) before localization. This is that run, on the machinery every task
+shares: the same Ray Train + DeepSpeed driver and loop (checkpoints, resume, MLflow), data layer
+(storage, cache, sampling, the five augmentations) and config; this task says what differs:
 
 - model: `Classifier` = backbone -> mean over time and space -> dropout -> linear (mmaction's
   I3DHead), the classifier started from the pretrained file's when it fits;
 - target of a clip: its class (one clip per row of a CSV, re2tal.data.clips); loss: cross-entropy;
 - evaluation: top-1 / top-5 over the validation clips (one clip, centre crop each), also before
   the first step (what the rewired model scores before fine-tuning);
-- at the end, `export_backbone` writes the backbone in its own checkpoint layout (plus its
+- at the end (`finish`), `export_backbone` writes the backbone in its own checkpoint layout (plus its
   classifier under the layout's classifier keys, which the loader drops), so a localization
   config's `backbone.pretrained` loads the file directly.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import posixpath
-import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from re2tal.config import Config
+from re2tal.errors import BadInput
 from re2tal.training import distributed as dist_utils
-from re2tal.training.loop import State, _broadcast, _Loop, run_worker
+from re2tal.training.loop import Loop, State
+from re2tal.training.task import Task
 
 FILE_NAME = "backbone.pth"
 # classifier keys of the published layouts, tried in this order when loading one
@@ -77,7 +76,7 @@ def build_classifier(cfg: Config) -> Classifier:
     if cfg.finetune.load_classifier and cfg.backbone.pretrained is not None:
         from re2tal.backbones.build import read_checkpoint
 
-        load_classifier(model, read_checkpoint(cfg.backbone.pretrained, cfg.storage))
+        load_classifier(model, read_checkpoint(cfg.backbone.pretrained, cfg.storage)[0])
     return model
 
 
@@ -105,104 +104,117 @@ class ClassificationLoss(nn.Module):
         """The loop's hook for epoch-dependent losses; cross-entropy has none."""
 
 
-def finetune_loop_per_worker(config: dict) -> None:
-    run_worker(config, build_classifier, lambda model: model.head, lambda cfg: ClassificationLoss(), FinetuneLoop)
-
-
-class FinetuneLoop(_Loop):
-    """The localization loop with recognition's hooks."""
-
+class Finetune(Task):
+    name = "finetune"
     loss_keys = ("loss",)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.targets = {v.id: int(v.labels[0]) for v in self.annotations.videos}
+    def check_data(self, cfg: Config):
+        """Reads the CSV of clips (generating the synthetic set first if configured and absent),
+        checks the subsets and that there is one head output per label."""
+        from re2tal.config import clip_annotations
+        from re2tal.data.clips import load_clips
+        from re2tal.data.synth import ensure_synthetic
 
-    def losses(self, frames: Tensor, batch: dict) -> dict[str, Tensor]:
-        target = torch.tensor([self.targets[v] for v in batch["video_id"]], device=self.worker.device)
-        return self.criterion(self.engine(frames), target)
+        if not clip_annotations(cfg.data.annotations):
+            raise BadInput(f"data.annotations: {cfg.data.annotations}: re2tal finetune reads a CSV of clips (Kinetics' label,"
+                           "youtube_id,time_start,time_end,split or id/url,label,start,end,subset); ActivityNet-format JSON is for "
+                           "re2tal train")
+        if cfg.data.synth is not None:
+            ensure_synthetic(cfg.data, cfg.storage)
+        annotations = load_clips(cfg.data, cfg.storage)
+        annotations.check_subsets(cfg.data)
+        if cfg.head.num_classes != len(annotations.labels):
+            raise BadInput(f"head.num_classes: {cfg.head.num_classes}, but {cfg.data.annotations} has {len(annotations.labels)} labels")
+        return annotations
 
-    def at_start(self, state: State) -> None:
-        if self.cfg.finetune.eval_at_start:
-            metrics = self.evaluate(state)
-            state.start_eval = metrics
-            self.report(state, {"epoch": 0, "step": 0, **metrics})
+    def build_model(self, cfg: Config) -> Classifier:
+        return build_classifier(cfg)
 
-    def final_metrics(self, state: State) -> dict[str, float]:
+    def head(self, model: Classifier) -> nn.Module:
+        return model.head
+
+    def criterion(self, cfg: Config) -> nn.Module:
+        return ClassificationLoss()
+
+    def targets(self, annotations) -> dict[str, int]:
+        """Clip id -> class, once per process."""
+        if getattr(self, "_targets", None) is None:
+            self._targets = {v.id: int(v.labels[0]) for v in annotations.videos}
+        return self._targets
+
+    def losses(self, loop: Loop, frames: Tensor, batch: dict) -> dict[str, Tensor]:
+        targets = self.targets(loop.annotations)
+        target = torch.tensor([targets[v] for v in batch["video_id"]], device=loop.worker.device)
+        return loop.criterion(loop.engine(frames), target)
+
+    def at_start(self, loop: Loop, state: State) -> None:
+        """What the (rewired) pretrained model scores before fine-tuning."""
+        if loop.cfg.finetune.eval_at_start:
+            state.start_eval = loop.evaluate(state)
+            loop.report(state, {"epoch": 0, "step": 0, **state.start_eval})
+
+    def final_metrics(self, loop: Loop, state: State) -> dict[str, float]:
         """The chance level (top-1 of always answering the most frequent training class) and the
         evaluation before the first step (`top1_before`, `top5_before`)."""
-        train = [self.targets[v.id] for v in self.annotations.subset(self.cfg.data.train_subset)]
-        val = [self.targets[v.id] for v in self.annotations.subset(self.cfg.data.val_subset)]
+        targets, data = self.targets(loop.annotations), loop.cfg.data
+        train = [targets[v.id] for v in loop.annotations.subset(data.train_subset)]
+        val = [targets[v.id] for v in loop.annotations.subset(data.val_subset)]
         majority = max(set(train), key=train.count)
         return {"chance_top1": sum(t == majority for t in val) / len(val), **{f"{k}_before": v for k, v in state.start_eval.items()}}
 
-    def evaluate(self, state: State) -> dict[str, float]:
-        """top-1 / top-5 (top-K of K < 5 classes) over the validation clips (EMA weights if kept): every worker predicts its
-        share, rank 0 counts. The metrics on every worker."""
+    def evaluate(self, loop: Loop, state: State) -> dict[str, float]:
+        """top-1 / top-5 (top-K of K < 5 classes) over the validation clips (EMA weights if
+        kept): every worker predicts its share, rank 0 counts. The metrics on every worker."""
         from re2tal.data.augment import augment_clips
-        from re2tal.data.dataset import VideoDataset, batches
+        from re2tal.data.dataset import batches
 
-        cfg, worker = self.cfg, self.worker
-        ds = VideoDataset(cfg, cfg.data.val_subset, worker.rank, worker.world_size, 0, cfg.train.seed, training=False,
-                          annotations=self.annotations, source=self.source)
-        module = self.engine.module
+        cfg, worker, module = loop.cfg, loop.worker, loop.engine.module
+        targets = self.targets(loop.annotations)
         k = min(5, cfg.head.num_classes)
         rows: list[tuple[int, list[int]]] = []
-        training = module.training
-        module.eval()
-        weights = self.ema.swapped_in(module) if self.ema is not None else contextlib.nullcontext()
-        with weights, torch.no_grad():
-            for batch in self._lockstep(batches(ds, cfg.data.batch_size)):
+        with loop.eval_weights(), torch.no_grad():
+            for batch in loop.lockstep(batches(loop.shard(cfg.data.val_subset), cfg.data.batch_size)):
                 if batch is None:  # ZeRO-3 padding step
                     module(torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size,
-                                       device=worker.device, dtype=self.dtype))
+                                       device=worker.device, dtype=loop.dtype))
                     continue
                 frames = augment_clips(batch["frames"].to(worker.device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
-                                       cfg.backbone.pixel_std, torch.Generator(), training=False).to(self.dtype)
+                                       cfg.backbone.pixel_std, torch.Generator(), training=False).to(loop.dtype)
                 top = module(frames).float().topk(k, dim=1).indices.tolist()
-                rows += [(self.targets[v], t) for v, t in zip(batch["video_id"], top)]
-        module.train(training)
+                rows += [(targets[v], t) for v, t in zip(batch["video_id"], top)]
         gathered = dist_utils.gather_to_main(rows, worker)
         metrics: dict[str, float] = {}
         if worker.is_main:
             clips = [r for part in gathered for r in part]
             metrics = {"top1": sum(t == top[0] for t, top in clips) / max(1, len(clips)),
                        "top5": sum(t in top for t, top in clips) / max(1, len(clips))}
-            if self.progress is not None:
-                self.progress.put({"kind": "eval", "epoch": state.epoch + 1, "text": (
-                    f"{'before training' if state.step == 0 else f'epoch {state.epoch + 1}'}: top-1 {metrics['top1']:.4f}  "
-                    f"top-{k} {metrics['top5']:.4f} ({len(clips)} validation clips)")})
+            loop.line(f"{'before training' if state.step == 0 else f'epoch {state.epoch + 1}'}: top-1 {metrics['top1']:.4f}  "
+                      f"top-{k} {metrics['top5']:.4f} ({len(clips)} validation clips)")
             state.best = max(state.best, metrics["top1"])
-        metrics = _broadcast(metrics, worker)
-        state.last_eval = metrics
+        return dist_utils.broadcast(metrics)
+
+    def finish(self, cfg: Config, metrics: dict[str, Any], tracker) -> dict[str, Any]:
+        """Write the backbone file (`backbone_file` in the metrics) and note it in the run."""
+        metrics["backbone_file"] = export_backbone(cfg, metrics["checkpoint"], metrics)
+        if tracker is not None:
+            tracker.json({"backbone_file": metrics["backbone_file"], "checkpoint": metrics["checkpoint"],
+                          **{k: v for k, v in metrics.items() if k.startswith(("top", "chance"))}}, "finetune/backbone.json")
         return metrics
+
+    def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        rows = [("top-1 before fine-tuning", "top1_before"), ("top-1", "top1"), ("top-5 before fine-tuning", "top5_before"),
+                ("top-5", "top5"), ("top-1 of the majority class (chance)", "chance_top1"), ("peak memory per worker (GB)", "peak_memory_gb"),
+                ("clips / s", "clips_per_s"), ("optimizer steps", "step"), ("epochs", "epoch")]
+        return [(label, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else str(metrics[key]))
+                for label, key in rows if metrics.get(key) is not None]
 
 
 # --------------------------------------------------------------------------------------------
-# the driver
+# the backbone file
 
 
 def output_url(cfg: Config) -> str:
     return cfg.finetune.output or f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name}/{FILE_NAME}"
-
-
-def finetune(cfg: Config, **fit_args: Any) -> dict:
-    """Fine-tune (resuming a run of the same name), then write the backbone file; the final
-    metrics plus `top1_before` / `top5_before` (the evaluation before the first step, when made),
-    `checkpoint`, `mlflow_run_id` and `backbone_file`."""
-    from re2tal.training.trainer import absolute_paths, fit
-
-    cfg = absolute_paths(cfg)
-    metrics = fit(cfg, task="finetune", extra_tags={"re2tal.task": "finetune"}, **fit_args)
-    checkpoint = f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.name}/{posixpath.basename(metrics['checkpoint'].rstrip('/'))}"
-    metrics["backbone_file"] = export_backbone(cfg, checkpoint, metrics)
-    if metrics.get("mlflow_run_id"):
-        from re2tal.tracking import Tracker, resolve_uri
-
-        Tracker(resolve_uri(cfg.tracking.tracking_uri), metrics["mlflow_run_id"]).json(
-            {"backbone_file": metrics["backbone_file"], "checkpoint": checkpoint,
-             **{k: v for k, v in metrics.items() if k.startswith(("top", "chance"))}}, "finetune/backbone.json")
-    return metrics
 
 
 def export_backbone(cfg: Config, checkpoint: str, metrics: dict | None = None) -> str:
@@ -210,10 +222,10 @@ def export_backbone(cfg: Config, checkpoint: str, metrics: dict | None = None) -
     {"state_dict": the backbone's state dict in its own layout + the classifier under
     `classifier_prefix`, "meta": {"re2tal": what it is}}; returns the URL."""
     from re2tal.data.storage import filesystem, protocol
-    from re2tal.training.inference import load_weights, local_checkpoint
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
 
     model = build_classifier(cfg.with_overrides({"backbone.pretrained": None}))
-    with local_checkpoint(checkpoint, cfg) as path:
+    with local_checkpoint(checkpoint, cfg.storage) as path:
         weights = load_weights(model, path)
     state = backbone_file_state(model)
     meta = {"backbone": cfg.backbone.model_dump(mode="json"), "classes": cfg.head.num_classes, "weights": weights,
@@ -233,38 +245,3 @@ def backbone_file_state(model: Classifier) -> dict[str, Tensor]:
     state = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     prefix = classifier_prefix(model.backbone)
     return state | {f"{prefix}.weight": model.head.fc.weight.detach().clone(), f"{prefix}.bias": model.head.fc.bias.detach().clone()}
-
-
-def finetune_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from re2tal import console as quiet
-    from re2tal.training.cli import print_mlflow_link
-    from re2tal.training.trainer import TrainingStopped
-
-    cfg: Config = args.cfg
-    if not args.verbose:
-        quiet.quiet_driver()
-    try:
-        metrics = finetune(cfg, local=args.local, verbose=args.verbose)
-    except TrainingStopped as err:
-        print(f"re2tal finetune: {err}", file=sys.stderr)
-        return 1
-    table = Table(title=f"re2tal finetune {cfg.train.name}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [("top-1 before fine-tuning", "top1_before"), ("top-1", "top1"), ("top-5 before fine-tuning", "top5_before"),
-            ("top-5", "top5"), ("top-1 of the majority class (chance)", "chance_top1"), ("peak memory per worker (GB)", "peak_memory_gb"),
-            ("clips / s", "clips_per_s"), ("optimizer steps", "step"), ("epochs", "epoch")]
-    for label, key in rows:
-        if metrics.get(key) is not None:
-            table.add_row(label, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else str(metrics[key]))
-    console = Console()
-    console.print(table)
-    console.print(f"checkpoint: {metrics['checkpoint']}", soft_wrap=True)
-    console.print(f"backbone file: {metrics['backbone_file']}  (a localization config loads it: "
-                  f"--set backbone.pretrained={metrics['backbone_file']})", soft_wrap=True)
-    if metrics.get("mlflow_run_id"):
-        print_mlflow_link(console, cfg, f"MLflow run {metrics['mlflow_run_id']}")
-    return 0

@@ -1,8 +1,10 @@
-"""The `re2tal` command.
+"""The `re2tal` command: the only module that knows every task (re2tal.tasks) and the sweeps
+(re2tal.tuning).
 
-A small, fixed CLI: everything else is a config key (`--set section.key=value`). Handlers are
-imported only when their subcommand runs, so `re2tal --help` stays fast. Exit codes: 0 ok,
-2 bad input (one line naming what is wrong), 1 anything else.
+A small, fixed CLI: everything else is a config key (`--set section.key=value`). Handlers
+(re2tal.cli.commands and the tools' own modules) are imported only when their subcommand runs, so
+`re2tal --help` stays fast. Exit codes: 0 ok, 2 bad input (one line naming what is wrong), 1
+anything else.
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ from typing import Callable, Sequence
 from re2tal.config import load_config
 from re2tal.errors import BadInput
 
-# subcommand -> "module:function" taking the parsed args and returning an exit code,
-# or None while the capability is not built yet.
-HANDLERS: dict[str, str | None] = {
-    "train": "re2tal.training.cli:train_command",
-    "finetune": "re2tal.training.finetune:finetune_command",
-    "tune": "re2tal.training.cli:tune_command",
-    "eval": "re2tal.training.cli:eval_command",
-    "predict": "re2tal.training.cli:predict_command",
-    "plan": "re2tal.planning.plan:plan_command",
+# subcommand -> "module:function" taking the parsed args and returning an exit code
+HANDLERS: dict[str, str] = {
+    "train": "re2tal.cli.commands:train",
+    "finetune": "re2tal.cli.commands:finetune",
+    "tune": "re2tal.cli.commands:tune",
+    "eval": "re2tal.cli.commands:evaluate",
+    "predict": "re2tal.cli.commands:predict",
+    "plan": "re2tal.cli.commands:plan",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
@@ -38,10 +39,22 @@ HANDLERS: dict[str, str | None] = {
 }
 
 
+# subcommand -> its flags that name local paths, made absolute like the config's (see _base_dir_arg)
+PATH_FLAGS = {"eval": ("checkpoint", "json", "predictions"), "predict": ("checkpoint", "url", "json"), "plan": ("json",),
+              "data prepare": ("annotations", "out", "video_root")}
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="YAML", help="config file (see configs/ and the README's config reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 --set backbone.reversible=false (repeatable)")
+    _base_dir_arg(p)
+
+
+def _base_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-dir", metavar="DIR", help="relative local paths (in the config and in path flags) are relative to "
+                   "DIR (default: the current directory); a `ray job submit` job passes the directory it is submitted from: "
+                   "--base-dir $PWD")
 
 
 def _verbose_arg(p: argparse.ArgumentParser) -> None:
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "video's url in the annotations, else next to the annotation file)")
     p.add_argument("--video-prefix", default="", metavar="P", help="with --video-root: file-name prefix (ActivityNet: v_)")
     p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
+    _base_dir_arg(p)
 
     bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
@@ -184,12 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _handler(key: str) -> Callable[[argparse.Namespace], int] | None:
-    target = HANDLERS[key]
-    if target is None:
-        return None
-    module, _, func = target.partition(":")
+def _handler(key: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = HANDLERS[key].partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _resolve_paths(args: argparse.Namespace, key: str) -> None:
+    """Relative local paths of the config and of the command's path flags made absolute against
+    --base-dir or the current directory (re2tal.training.paths: Ray Train workers run elsewhere,
+    and a Ray job in a temporary copy of its working directory)."""
+    from re2tal.training.paths import absolute_paths, resolve
+
+    base = getattr(args, "base_dir", None)
+    if hasattr(args, "cfg"):
+        args.cfg = absolute_paths(args.cfg, base)
+    for flag in PATH_FLAGS.get(key, ()):
+        if getattr(args, flag, None):
+            setattr(args, flag, resolve(getattr(args, flag), f"--{flag.replace('_', '-')}", base))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,18 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "config"):  # validate before anything starts
             args.cfg = load_config(args.config, args.overrides)
-        handler = _handler(key)
-        if handler is None:
-            print(f"re2tal {key}: not built yet", file=sys.stderr)
-            return 2
-        return int(handler(args) or 0)
+        _resolve_paths(args, key)
+        return int(_handler(key)(args) or 0)
     except BadInput as err:
         print(f"re2tal {key}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"re2tal {key}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
