@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("tadaconv.json", ["tadaconv"]),
     ("loader.json", ["loader"]),
     ("map.json", ["map"]),
+    ("reports.json", ["reports"]),
 ]
 
 

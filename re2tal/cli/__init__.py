@@ -36,6 +36,7 @@ HANDLERS: dict[str, str] = {
     "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
     "bench gpu": "re2tal.bench.gpu:main",
+    "bench reports": "re2tal.bench.reports:main",
 }
 
 
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
     _base_dir_arg(p)
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
@@ -193,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "slowfast_r101 at 96-768 frames next to re2tal plan's prediction, and 20 steps of the debug config "
                                      "on the GPU. Writes DIR/gpu.json and DIR/gpu_memory.png; exit 2 without a GPU.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p = bench.add_parser("reports", help="step time of the debug config logging metrics every step vs never",
+                         description="Train one epoch of the debug config (2 Ray Train workers on CPU) with training metrics logged every "
+                                     "optimizer step and never, alternating, and compare the step times (several minutes).")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each (default 1)")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser

@@ -172,14 +172,8 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _predict_video(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from re2tal.data.annotations import Video, load_annotations
-    from re2tal.data.dataset import batches, make_clip, plan_windows
-    from re2tal.data.video import VideoError, VideoFile, VideoSource
-    from re2tal.errors import BadInput
-    from re2tal.tasks.localization import Localization, label_names, predict
+    from re2tal.data.annotations import load_annotations
+    from re2tal.tasks.localization import Localization, predict_video
     from re2tal.training.checkpoints import load_weights, local_checkpoint
 
     cfg: Config = args.cfg
@@ -188,19 +182,7 @@ def _predict_video(args: argparse.Namespace) -> dict[str, Any]:
     model = task.build_model(cfg)
     with local_checkpoint(args.checkpoint, cfg.storage) as path:
         load_weights(model, path)
-    name = args.url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    try:
-        with VideoSource(cfg.storage).acquire(args.url) as lease:
-            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
-            video = Video(id=name, url=args.url, duration=file.info.duration, subset="", index=0,
-                          segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
-            clips = [make_clip(video, file, w, cfg.data.num_frames, None)
-                     for w in plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))]
-    except VideoError as err:
-        raise BadInput(f"{args.url}: cannot read video ({err})") from None
-    scores = task.class_scores(cfg)
-    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, torch.device("cpu"), label_names(cfg, annotations, scores), scores)
-    return {"video": args.url, "duration": video.duration, "segments": submission["results"].get(name, [])}
+    return predict_video(model, cfg, args.url, annotations, task.class_scores(cfg))
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -142,10 +142,10 @@ class Finetune(Task):
             self._targets = {v.id: int(v.labels[0]) for v in annotations.videos}
         return self._targets
 
-    def losses(self, loop: Loop, frames: Tensor, batch: dict) -> dict[str, Tensor]:
+    def losses(self, loop: Loop, batch: dict) -> dict[str, Tensor]:
         targets = self.targets(loop.annotations)
         target = torch.tensor([targets[v] for v in batch["video_id"]], device=loop.worker.device)
-        return loop.criterion(loop.engine(frames), target)
+        return loop.criterion(loop.engine(loop.frames(batch, training=True)), target)
 
     def at_start(self, loop: Loop, state: State) -> None:
         """What the (rewired) pretrained model scores before fine-tuning."""
@@ -165,7 +165,6 @@ class Finetune(Task):
     def evaluate(self, loop: Loop, state: State) -> dict[str, float]:
         """top-1 / top-5 (top-K of K < 5 classes) over the validation clips (EMA weights if
         kept): every worker predicts its share, rank 0 counts. The metrics on every worker."""
-        from re2tal.data.augment import augment_clips
         from re2tal.data.dataset import batches
 
         cfg, worker, module = loop.cfg, loop.worker, loop.engine.module
@@ -178,9 +177,7 @@ class Finetune(Task):
                     module(torch.zeros(1, 3, cfg.data.num_frames, cfg.data.frame_size, cfg.data.frame_size,
                                        device=worker.device, dtype=loop.dtype))
                     continue
-                frames = augment_clips(batch["frames"].to(worker.device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
-                                       cfg.backbone.pixel_std, torch.Generator(), training=False).to(loop.dtype)
-                top = module(frames).float().topk(k, dim=1).indices.tolist()
+                top = module(loop.frames(batch, training=False)).float().topk(k, dim=1).indices.tolist()
                 rows += [(targets[v], t) for v, t in zip(batch["video_id"], top)]
         gathered = dist_utils.gather_to_main(rows, worker)
         metrics: dict[str, float] = {}

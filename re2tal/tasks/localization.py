@@ -80,10 +80,11 @@ class Localization(Task):
 
         return DetectionLoss(cfg.head)
 
-    def losses(self, loop: Loop, frames: Tensor, batch: dict) -> dict[str, Tensor]:
+    def losses(self, loop: Loop, batch: dict) -> dict[str, Tensor]:
         from re2tal.detection import targets_in_window
 
         cfg, device = loop.cfg, loop.worker.device
+        frames = loop.frames(batch, training=True)
         valid = batch["valid"].to(device, torch.float32) / frames.shape[2]
         # a class-agnostic head (num_classes=1) learns every action as class 0
         targets = [targets_in_window(s.numpy(), (l if cfg.head.num_classes > 1 else torch.zeros_like(l)).numpy(), w, cfg.head.seq_len)
@@ -179,6 +180,28 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
             durations += batch["duration"]
     module.train(training)
     return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores)
+
+
+def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_scores: dict | None = None) -> dict[str, Any]:
+    """One video (any fsspec URL) through the evaluation's windows: {"video", "duration",
+    "segments": its ActivityNet-format segments}. BadInput if it cannot be read."""
+    from re2tal.data.annotations import Video
+    from re2tal.data.dataset import batches, make_clip, plan_windows
+    from re2tal.data.video import VideoError, VideoFile, VideoSource
+
+    name = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        with VideoSource(cfg.storage).acquire(url) as lease:
+            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
+            video = Video(id=name, url=url, duration=file.info.duration, subset="", index=0,
+                          segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
+            clips = [make_clip(video, file, w, cfg.data.num_frames, None)
+                     for w in plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))]
+    except VideoError as err:
+        raise BadInput(f"{url}: cannot read video ({err})") from None
+    device = next(model.parameters()).device
+    submission = predict(model, batches(clips, cfg.data.batch_size), cfg, device, label_names(cfg, annotations, class_scores), class_scores)
+    return {"video": url, "duration": video.duration, "segments": submission["results"].get(name, [])}
 
 
 def label_names(cfg: Config, annotations, class_scores: dict | None) -> list[str]:

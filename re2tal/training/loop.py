@@ -3,7 +3,7 @@
 Every worker builds the same model (`task.build_model`), wraps it in a DeepSpeed engine and
 iterates its shard of the epoch; all workers take the same number of micro-batches (a worker with
 one more would wait forever in the gradient all-reduce). Each step reads top to bottom: batch ->
-augment -> forward + losses (the task's) -> backward -> step -> log. Per-step metrics go to MLflow
+the task's losses (input, forward, losses) -> backward -> step -> log. Per-step metrics go to MLflow
 from rank 0 through a background tracker (never waiting on the tracking server or on Ray Train);
 `ray.train.report` is called only at evaluations and checkpoints. A checkpoint (DeepSpeed state,
 per-worker RNG / loss state, EMA, tracking records not sent yet) is saved at every epoch end (and
@@ -173,8 +173,6 @@ class Loop:
     def train_epoch(self, state: State) -> dict[str, float] | None:
         """Train the rest of `state.epoch`; its throughput metrics, or None when it had to stop
         (non-finite loss)."""
-        from re2tal.data.augment import augment_clips
-
         cfg, engine, worker = self.cfg, self.engine, self.worker
         engine.train()
         self.criterion.set_epoch(state.epoch)
@@ -184,9 +182,7 @@ class Loop:
         window_losses, window_clips = [], 0
         for batch, position in self.batches(state.epoch, state.position, self.micro_per_epoch - state.micro):
             waited += time.perf_counter() - tick
-            frames = augment_clips(batch["frames"].to(worker.device), cfg.augment, cfg.data.frame_size,
-                                   cfg.backbone.pixel_mean, cfg.backbone.pixel_std, self.generator, training=True).to(self.dtype)
-            losses = self.task.losses(self, frames, batch)
+            losses = self.task.losses(self, batch)
             if not self.all_finite(losses["loss"]):
                 self.stop(state, f"non-finite loss ({losses['loss'].item()}) at epoch {state.epoch + 1}, step {state.step + 1}")
                 return None
@@ -261,6 +257,17 @@ class Loop:
         return state.last_eval
 
     # -- what the task's hooks use --------------------------------------------------------------
+
+    def frames(self, batch: dict, training: bool) -> torch.Tensor:
+        """A batch's uint8 clips as the model's input: on the device, augmented (training: the
+        config's random draws from this worker's generator; else the centre crop), normalised,
+        in the training precision."""
+        from re2tal.data.augment import augment_clips
+
+        cfg = self.cfg
+        generator = self.generator if training else torch.Generator()
+        return augment_clips(batch["frames"].to(self.worker.device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
+                             cfg.backbone.pixel_std, generator, training=training).to(self.dtype)
 
     def shard(self, subset: str, training: bool = False, epoch: int = 0, start: int = 0):
         """This worker's share of a subset's videos as a dataset of clips."""

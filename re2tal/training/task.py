@@ -54,8 +54,9 @@ class Task(ABC):
         every epoch start."""
 
     @abstractmethod
-    def losses(self, loop: "Loop", frames: Tensor, batch: dict) -> dict[str, Tensor]:
-        """Forward of one augmented micro-batch through `loop.engine` and its losses (`loss_keys`)."""
+    def losses(self, loop: "Loop", batch: dict) -> dict[str, Tensor]:
+        """One training micro-batch: its input (e.g. `loop.frames(batch, training=True)`), the
+        forward through `loop.engine` and the losses (`loss_keys`)."""
 
     @abstractmethod
     def evaluate(self, loop: "Loop", state: "State") -> dict[str, float]:
