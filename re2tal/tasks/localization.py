@@ -179,7 +179,8 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
             windows += batch["window"]
             durations += batch["duration"]
     module.train(training)
-    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores)
+    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores,
+                          sliding=cfg.data.sampling == "sliding")
 
 
 def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_scores: dict | None = None) -> dict[str, Any]:
