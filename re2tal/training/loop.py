@@ -96,10 +96,14 @@ def train_loop_per_worker(config: dict) -> None:
                 config.get("local", False), cursor=config.get("cursor"))
     try:
         loop.run(loop.resume(), micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
-    finally:
-        if tracker is not None and not tracker.close(cfg.tracking.retry_s):
-            log.warning("MLflow did not take %d metric records in tracking.retry_s=%g s (%s); the last checkpoint keeps them "
-                        "and a resumed run sends them", len(tracker.unsent()), cfg.tracking.retry_s, tracker.last_error)
+    except BaseException:
+        # what the last checkpoint does not keep is trained again after a restart: a short flush
+        if tracker is not None:
+            tracker.close(min(cfg.tracking.retry_s, 30.0))
+        raise
+    if tracker is not None and not tracker.close(cfg.tracking.retry_s):
+        log.warning("MLflow did not take %d metric records in tracking.retry_s=%g s (%s); the last checkpoint keeps them "
+                    "and a resumed run sends them", len(tracker.unsent()), cfg.tracking.retry_s, tracker.last_error)
 
 
 class Loop:
