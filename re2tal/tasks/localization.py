@@ -179,7 +179,8 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
             windows += batch["window"]
             durations += batch["duration"]
     module.train(training)
-    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores)
+    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores,
+                          sliding=cfg.data.sampling == "sliding")
 
 
 def model_input(frames_BNHW3: Tensor, cfg: Config, device: torch.device | str, dtype: torch.dtype) -> Tensor:
