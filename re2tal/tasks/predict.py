@@ -7,8 +7,8 @@ in an actor pool, one part per video so that a rerun does only what is missing).
 
 Every video goes through the evaluation's windows (`plan_windows(training=False)`: the whole
 video for `data.sampling: uniform`, every sliding window of `data.num_frames` for `sliding`);
-each window's segments are decoded and soft-NMSed on the actor, and the driver merges a video's
-windows (`to_predictions`, another soft-NMS) into its part `<OUT>.parts/<id>.json`: {"video",
+each window's candidate segments are decoded on the actor, and the driver post-processes a video
+as evaluation does (`to_predictions`: one Soft-NMS over all its windows' candidates) into its part `<OUT>.parts/<id>.json`: {"video",
 "url", "record": {"duration", "segments": [{"label", "score", "segment": [s, e]}]}}. When every
 video is done (or could not be read) the ActivityNet submission is written to OUT:
 {"version", "results": {id: segments}, "external_data"} for the videos of this collection.
@@ -103,7 +103,7 @@ def storage_for(cfg: Config | None, overrides: dict[str, Any]) -> StorageConfig:
 
 
 class Predict(Inference):
-    """Units are a video's evaluation windows; an output is a window's post-processed segments."""
+    """Units are a video's evaluation windows; an output is a window's candidate segments (grid units)."""
 
     name = "predict"
 
@@ -150,8 +150,9 @@ class Predict(Inference):
     def submission(self, clips: list, videos: list[str], windows: list, durations: list) -> dict[str, Any]:
         from re2tal.detection import to_predictions
 
-        h = self.cfg.head
-        return to_predictions(clips, videos, windows, durations, self.names, h.nms, h.seq_len, self.class_scores)
+        h = self.cfg.head  # one Soft-NMS per video: over all its windows' candidates with sliding windows, as evaluation
+        return to_predictions(clips, videos, windows, durations, self.names, h.nms, h.seq_len, self.class_scores,
+                              sliding=self.cfg.data.sampling == "sliding")
 
 
 def predict(model: Model, videos: list[Video], out: str, progress: bool = True) -> tuple[dict[str, Any], Result]:
