@@ -182,7 +182,7 @@ def test_largest_num_frames_fits_and_one_stride_more_does_not():
 def test_plan_command_on_a_paper_config_reports_reversible_below_standard(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "re2tal.cli", "plan", "--config", str(ROOT / "configs" / "anet_re2swin_t.yaml"),
-                           "--gpu-memory-gb", "40", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+                           "--set", "data.batch_size=2", "--gpu-memory-gb", "40", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(out.read_text())
     c, modes = plan["config"], plan["modes"]

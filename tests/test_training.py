@@ -106,6 +106,10 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
     assert 0.0 <= metrics["average_mAP"] <= 1.0 and metrics["peak_memory_gb"] > 0.1
     checkpoint = Path(metrics["checkpoint"])
     assert (checkpoint / "state").is_dir() and (checkpoint / "worker_rank0.pt").exists() and (checkpoint / "worker_rank1.pt").exists()
+    # what the model is, from rank 0: the resolved config (validating again, credentials left out) and the label map
+    kept = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    assert validate(kept) == cfg.with_overrides({"storage.access_key_id": None, "storage.secret_access_key": None})
+    assert yaml.safe_load((checkpoint / "labels.json").read_text()) == ["disk_sway", "square_bob"]
 
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -259,7 +263,7 @@ def test_local_mode_on_s3_killed_after_a_checkpoint_resumes_and_eval_and_predict
     """`re2tal train --local` with train.storage_path on S3: SIGKILLed once a checkpoint is
     complete there, the same command resumes from the newest complete one (the rule under Ray
     Train) and takes exactly the steps of an uninterrupted run; `re2tal eval` and `predict` read
-    its last checkpoint from S3."""
+    its last checkpoint from S3 (predict: the Ray Data job on one video)."""
     storage = {k: v for k, v in s3.overrides().items() if not k.endswith("key_id") and not k.endswith("access_key")}
     cfg = tiny_config(tmp_path, local_set, "local", **{"train.num_workers": 0, "train.checkpoint_every_steps": 1,
                                                        "train.storage_path": s3.url("runs"), **storage})
@@ -306,16 +310,18 @@ def test_local_mode_on_s3_killed_after_a_checkpoint_resumes_and_eval_and_predict
     assert result["average_mAP"] == pytest.approx(trained, abs=1e-4)  # the same weights, the same numbers
 
     video = str(sorted(Path(local_set).parent.glob("*.mp4"))[0])
-    out = run_cli("predict", "--config", str(path), "--checkpoint", checkpoint, video, env=env)
+    predicted = tmp_path / "one.json"
+    out = run_cli("predict", "--config", str(path), "--model", checkpoint, "--videos", video, "--out", str(predicted), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    segments = yaml.safe_load(out.stdout)["segments"]
+    [segments] = yaml.safe_load(predicted.read_text())["results"].values()
     assert segments and all(0 <= s["segment"][0] < s["segment"][1] <= SYNTH.duration_s + 1e-6 for s in segments)
     from re2tal.data.synth import class_names
 
     assert {s["label"] for s in segments} <= set(class_names(SYNTH.classes))
 
-    out = run_cli("predict", "--config", str(path), "--checkpoint", checkpoint, str(tmp_path / "nope.mp4"), env=env)
-    assert out.returncode == 2 and "nope.mp4" in out.stderr
+    out = run_cli("predict", "--config", str(path), "--model", checkpoint, "--videos", str(tmp_path / "nope.mp4"), "--out",
+                  str(predicted), env=env)
+    assert out.returncode == 2 and "--videos" in out.stderr and "nope.mp4" in out.stderr
 
 
 # --------------------------------------------------------------------------------------------

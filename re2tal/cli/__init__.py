@@ -24,6 +24,7 @@ HANDLERS: dict[str, str] = {
     "tune": "re2tal.cli.commands:tune",
     "eval": "re2tal.cli.commands:evaluate",
     "predict": "re2tal.cli.commands:predict",
+    "extract": "re2tal.cli.commands:extract",
     "plan": "re2tal.cli.commands:plan",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
@@ -32,6 +33,7 @@ HANDLERS: dict[str, str] = {
     "bench memory": "re2tal.bench.model:memory_main",
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
+    "bench predict": "re2tal.bench.predict:main",
     "bench map": "re2tal.bench.map:main",
     "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
@@ -41,7 +43,8 @@ HANDLERS: dict[str, str] = {
 
 
 # subcommand -> its flags that name local paths, made absolute like the config's (see _base_dir_arg)
-PATH_FLAGS = {"eval": ("checkpoint", "json", "predictions"), "predict": ("checkpoint", "url", "json"), "plan": ("json",),
+PATH_FLAGS = {"eval": ("checkpoint", "json", "predictions"), "predict": ("model", "videos", "out"), "extract": ("videos", "out"),
+              "plan": ("json",),
               "data prepare": ("annotations", "out", "video_root")}
 
 
@@ -92,18 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation subset (mAP)",
-                       description="Predict on the validation subset with a checkpoint and compute mAP at the configured tIoU thresholds.")
+                       description="Predict the validation subset with a checkpoint (the Ray Data job of re2tal predict; local Ray "
+                                   "if no cluster) and compute mAP at the configured tIoU thresholds.")
     _config_args(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
     p.add_argument("--json", metavar="OUT", help="also write the metrics as JSON to OUT")
-    p.add_argument("--predictions", metavar="OUT", help="write the ActivityNet-format predictions to OUT")
+    p.add_argument("--predictions", metavar="OUT", help="write the ActivityNet-format predictions to OUT (per-video parts to "
+                   "OUT.parts/: a rerun predicts only what is missing)")
 
-    p = sub.add_parser("predict", help="detect action segments in one video",
-                       description="Run a checkpoint on one video (any fsspec URL) and print its segments as ActivityNet-format JSON.")
+    p = sub.add_parser("predict", help="detect action segments in every video of a collection (Ray Data job)",
+                       description="Run a trained model over a video, every video under a prefix, or the videos of an annotation "
+                                   "file, as a Ray Data job (local Ray if no cluster): decoding in read tasks on any node's CPUs, the "
+                                   "model in an actor pool (inference.* keys), the evaluation's windows. Writes an ActivityNet "
+                                   "submission to OUT and one result per video to OUT.parts/; run again, it predicts only the "
+                                   "videos without a result. Unreadable videos are listed and skipped.")
+    p.add_argument("--model", required=True, metavar="M", help="checkpoint directory written by re2tal train (local or s3://); "
+                   "its config.yaml is the model's config")
+    p.add_argument("--videos", required=True, metavar="V", help="a video URL, a prefix (every video file under it, e.g. "
+                   "s3://bucket/videos/) or an ActivityNet-format annotation file (*.json: the videos of --subset)")
+    p.add_argument("--out", required=True, metavar="OUT", help="the submission JSON to write (local or s3://)")
+    p.add_argument("--subset", help="with an annotation file: which subset (default: the model's data.val_subset)")
+    p.add_argument("--config", metavar="YAML", help="the model's config, instead of the checkpoint's config.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the model's config, e.g. --set inference.actors=4 (repeatable)")
+    _base_dir_arg(p)
+
+    p = sub.add_parser("extract", help="clip features of every video by a backbone, for feature-based heads (Ray Data job)",
+                       description="Run the config's backbone (backbone.pretrained: any weights file, e.g. one re2tal finetune "
+                                   "wrote) over clips of every video (extract.* keys) as a Ray Data job (local Ray if no cluster) "
+                                   "and write DIR/<video_id>.npy, float16 (clips, channels), and DIR/features.json. Run again, it "
+                                   "extracts only the videos without features. Unreadable videos are listed and skipped.")
     _config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
-    p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
-    p.add_argument("--json", metavar="OUT", help="write the segments to OUT instead of stdout")
+    p.add_argument("--videos", metavar="V", help="a video URL, a prefix (every video file under it) or an annotation file "
+                   "(default: data.annotations, all subsets)")
+    p.add_argument("--subset", help="with an annotation file: only this subset (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (local or s3://)")
 
     p = sub.add_parser("plan", help="predict the per-worker peak memory of a training step (no GPU needed)",
                        description="Predict, without a GPU, the peak device memory of one training step per worker for the config "
@@ -158,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
     _base_dir_arg(p)
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, predict, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
@@ -178,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "With --real: decode cost of 2-minute 360p and 720p videos (made once under .cache/bench-videos), raw and prepared "
                                      "(re2tal data prepare), per core, with data.loader_threads 1..cores and with the ray_data loader on the local cores.")
     p.add_argument("--real", action="store_true", help="real-resolution decode costs instead (starts a local Ray: several minutes)")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("predict", help="videos/s of predict and extract with 1 and 2 CPU actors; how long the actors wait for decoding",
+                         description="Run the re2tal predict and re2tal extract jobs on the synthetic set (debug model, random weights) "
+                                     "on a local Ray with 1 and 2 CPU model actors: videos/s, the share of the actors' time spent "
+                                     "waiting for decoded input, decode and model seconds per video (a few minutes).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
@@ -227,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     key = " ".join(k for k in (args.command, getattr(args, "data_command", None), getattr(args, "bench_command", None)) if k)
     try:
-        if hasattr(args, "config"):  # validate before anything starts
+        if getattr(args, "config", None):  # validate before anything starts
             args.cfg = load_config(args.config, args.overrides)
         _resolve_paths(args, key)
         return int(_handler(key)(args) or 0)

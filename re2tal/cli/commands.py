@@ -1,10 +1,9 @@
-"""The handlers of `re2tal train | finetune | tune | eval | predict | plan`: which task a command
-runs, and what it prints."""
+"""The handlers of `re2tal train | finetune | tune | eval | predict | extract | plan`: which task a
+command runs, and what it prints."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from typing import Any
@@ -136,32 +135,18 @@ def _header(column: str) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Predict the validation subset with a checkpoint (one process) and score it."""
-    import torch
-
-    from re2tal.data.dataset import VideoDataset, batches
-    from re2tal.evaluation import evaluate, parse_thresholds
-    from re2tal.tasks.localization import Localization, ground_truth, label_names, predict
+    """Predict the validation subset with a checkpoint (the predict job) and score it."""
+    from re2tal.tasks.predict import evaluate, load_model
     from re2tal.tracking import write_json
-    from re2tal.training.checkpoints import load_weights, local_checkpoint
 
     cfg: Config = args.cfg
-    task = Localization()
-    annotations = task.check_data(cfg)
-    model = task.build_model(cfg)
-    with local_checkpoint(args.checkpoint, cfg.storage) as path:
-        weights = load_weights(model, path)
-    scores = task.class_scores(cfg)
-    ds = VideoDataset(cfg, cfg.data.val_subset, training=False, annotations=annotations)
-    submission = predict(model, batches(ds, cfg.data.batch_size), cfg, torch.device("cpu"), label_names(cfg, annotations, scores), scores)
-    truth = ground_truth(cfg, annotations, cfg.data.val_subset, scores)
-    result = evaluate(truth, submission, cfg.data.val_subset, parse_thresholds(cfg.train.tiou_thresholds))
-    result["weights"] = weights
-    if args.predictions:
-        write_json(submission, args.predictions)
+    model = load_model(args.checkpoint, cfg, {}, cfg.storage, flag="--checkpoint")
+    result, submission, job = evaluate(model, args.predictions)
+    result["weights"] = model.weights
     if args.json:
         write_json(result, args.json)
-    print(f"{len(submission['results'])} videos of subset {cfg.data.val_subset!r}, {weights} weights")
+    print(f"{len(submission['results'])} videos of subset {cfg.data.val_subset!r}, {model.weights} weights"
+          + (f", {len(job.failed)} could not be read" if job.failed else ""))
     for t, v in result["mAP"].items():
         print(f"mAP@{t}  {v:.4f}")
     print(f"average mAP  {result['average_mAP']:.4f}")
@@ -169,31 +154,46 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """One video -> its segments (seconds) as JSON, alone on stdout (libraries' logs go to stderr)."""
-    from re2tal.tracking import write_json
+    """`re2tal predict`: the model (its own config, overrides on top) over the collection."""
+    from re2tal.config import parse_override
+    from re2tal.data.collection import collection, is_annotations
+    from re2tal.tasks.predict import load_model, predict, storage_for
+    from re2tal.training.paths import absolute_paths
 
-    with contextlib.redirect_stdout(sys.stderr):
-        out = _predict_video(args)
-    if args.json:
-        write_json(out, args.json)
-    else:
-        json.dump(out, sys.stdout, indent=1)
-        print()
+    overrides = dict(parse_override(o) for o in args.overrides)
+    given = getattr(args, "cfg", None)
+    model = load_model(args.model, given, overrides, storage_for(given, overrides))
+    model.cfg = cfg = absolute_paths(model.cfg, args.base_dir)
+    data = cfg.data
+    if is_annotations(args.videos) and args.videos != data.annotations and "data.video_root" not in overrides:
+        data = data.model_copy(update={"video_root": None})  # another file's videos are found next to it
+    subsets = [args.subset or data.val_subset] if is_annotations(args.videos) else [args.subset] if args.subset else None
+    submission, job = predict(model, collection(args.videos, data, cfg.storage, subsets), args.out)
+    _summary("predicted", job.stats, len(submission["results"]), f"submission: {args.out}; per video: {args.out}.parts/")
     return 0
 
 
-def _predict_video(args: argparse.Namespace) -> dict[str, Any]:
-    from re2tal.data.annotations import load_annotations
-    from re2tal.tasks.localization import Localization, predict_video
-    from re2tal.training.checkpoints import load_weights, local_checkpoint
+def extract(args: argparse.Namespace) -> int:
+    """`re2tal extract`: the config's backbone over the collection (default: data.annotations)."""
+    from re2tal.data.collection import collection
+    from re2tal.data.synth import ensure_synthetic
+    from re2tal.tasks.extract import FEATURES, extract
 
     cfg: Config = args.cfg
-    task = Localization()
-    annotations = load_annotations(cfg.data, cfg.storage)  # the label map
-    model = task.build_model(cfg)
-    with local_checkpoint(args.checkpoint, cfg.storage) as path:
-        load_weights(model, path)
-    return predict_video(model, cfg, args.url, annotations, task.class_scores(cfg))
+    if args.videos is None and cfg.data.synth is not None:
+        ensure_synthetic(cfg.data, cfg.storage)
+    videos = collection(args.videos or cfg.data.annotations, cfg.data, cfg.storage, [args.subset] if args.subset else None)
+    features, job = extract(cfg, videos, args.out)
+    _summary("extracted", job.stats, len(features["videos"]), f"features: {args.out.rstrip('/')}/<video_id>.npy, "
+             f"{features['channels']} channels per clip; {args.out.rstrip('/')}/{FEATURES}")
+    return 0
+
+
+def _summary(verb: str, stats: dict[str, Any], outputs: int, where: str) -> None:
+    print(f"{verb} {stats['processed']} videos ({stats['done_before']} done before, {stats['failed']} could not be read) in "
+          f"{stats['seconds']:.1f} s, {stats['videos_per_s']:.2f} videos/s; {stats['actors']} model actors waited "
+          f"{100 * stats['wait_fraction']:.0f}% of their time for input. {outputs} of {stats['videos']} videos have results.")
+    print(where)
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ exactly once per epoch (sizes differ by at most one; the training loop must stop
 together). `start` skips the first `start` videos of this worker's shard (resume mid-epoch).
 
 Per video: training yields one clip (uniform: the whole video; sliding: a random window with
-`data.random_truncate`, else the first); evaluation yields every window (sliding) or one clip
-(uniform). Randomness (temporal jitter, truncation) comes from a generator seeded with
+`data.random_truncate`, by OpenTAD's rule with `data.truncate_threshold`, else the first);
+evaluation yields every window (sliding) or one clip (uniform). Randomness (temporal jitter, truncation) comes from a generator seeded with
 (seed, epoch, the video's position in the annotation file), so it does not depend on thread timing
 or on where a resumed epoch starts. Clips come out in shard order, the windows of one video
 consecutively and in time order (an evaluation loop knows a video is complete when the id changes).
@@ -25,10 +25,12 @@ A clip (`Clip`, a dict):
               (with temporal jitter, a random time within that i-th N-th of the window); uniform:
               (0, duration); sliding: N * frame_interval / fps long, placed so samples fall on frame
               centres (the first window starts (frame_interval - 1) / 2 frames before 0)
-    valid     int: frames [0, valid) are real, the rest repeat frame valid - 1 (sliding, past the end)
+    valid     int: frames [0, valid) are real, the rest repeat frame valid - 1 (sliding: past the end, or
+              a video cropped shorter by data.truncate_crop_ratio)
     duration  float: the video's duration in seconds (as decoded)
     fps       float: the video's average frame rate
     segments  float32 (M, 2): annotated segments (s) overlapping the window's real part, clipped to it
+              (with data.truncate_threshold in training: those with that fraction inside)
     labels    int64 (M,): their class ids (index into `Annotations.labels`)
 
 `collate(clips)` stacks a batch: `frames` uint8 (B, N, H, W, 3) (padded with zeros at the bottom /
@@ -101,10 +103,14 @@ def plan_windows(info: VideoInfo, video: Video, cfg: Config, training: bool, rng
                                      d.num_frames, rng if training else None)]
     if d.sampling == "uniform":
         return [sampling.uniform_window(info.duration, d.num_frames)]
-    step = d.frame_interval / info.fps
+    step, first_centre = d.frame_interval / info.fps, 0.5 / info.fps
+    if training and d.random_truncate and d.truncate_threshold is not None:
+        return [sampling.truncated_window(info.duration, step, d.num_frames, rng, video.segments, d.truncate_threshold,
+                                          d.truncate_crop_ratio, first_centre)]
     if training and d.random_truncate:
         return [sampling.random_window(info.duration, step, d.num_frames, rng, video.segments)]
-    windows = sampling.sliding_windows(info.duration, step, d.num_frames, d.window_stride, first_centre=0.5 / info.fps)
+    windows = sampling.sliding_windows(info.duration, step, d.num_frames, d.window_stride, first_centre,
+                                       end_aligned=d.last_window == "end_aligned")
     return windows[:1] if training else windows
 
 
@@ -112,7 +118,7 @@ def make_clip(video: Video, file: VideoFile, w: sampling.Window, num_frames: int
     """Decode the frames of one window (`rng`: temporal jitter)."""
     times = sampling.sample_times(w, num_frames, rng)
     frames = file.read(file.indices(times))
-    segments, labels = sampling.segments_in(w, file.info.duration, video.segments, video.labels)
+    segments, labels = sampling.segments_in(w, file.info.duration, video.segments, video.labels, num_frames)
     return Clip(video_id=video.id, frames=torch.from_numpy(frames), window=(w.start, w.end), valid=w.valid,
                 duration=file.info.duration, fps=file.info.fps, segments=segments, labels=labels)
 

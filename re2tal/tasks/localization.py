@@ -1,9 +1,11 @@
 """Temporal action localization (`re2tal train`): the Localizer (backbone -> ActionFormer-style
 detector), its detection losses, prediction and mAP on the validation subset.
 
-Also what `re2tal eval` and `re2tal predict` use: `predict` (batches of clips or features -> an
-ActivityNet submission), `predict_video`, `ground_truth`, `label_names`. At the end of a run the
-trained network is logged as the run's MLflow model (re2tal.tasks.mlmodel).
+Also what `re2tal eval`, `predict` and `extract` use (re2tal.tasks.predict / extract):
+`build_model`, `model_input` (clips -> the model's evaluation input), `predict` (batches of clips,
+or of features for a head on features -> an ActivityNet submission), `predict_video` (one URL in
+one process), `ground_truth`, `label_names`. At the end of a run the trained network is logged as
+the run's MLflow model (re2tal.tasks.mlmodel).
 """
 
 from __future__ import annotations
@@ -188,7 +190,6 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
     """Run the model over collated batches (of clips, or of features for a model on features)
     and return the submission dict (seconds, per video, windows of a video merged). A None batch
     runs a forward on zeros whose output is dropped (ZeRO-3 keeps workers in lockstep that way)."""
-    from re2tal.data.augment import augment_clips
     from re2tal.detection import postprocess, to_predictions
 
     clips, videos, windows, durations = [], [], [], []
@@ -207,15 +208,24 @@ def predict(module: nn.Module, batches: Iterable[dict | None], cfg: Config, devi
             if "features" in batch:
                 out = module(batch["features"].to(device, dtype), batch["valid"].to(device, torch.float32))
             else:
-                frames = augment_clips(batch["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
-                                       cfg.backbone.pixel_std, torch.Generator(), training=False).to(dtype)
+                frames = model_input(batch["frames"], cfg, device, dtype)
                 out = module(frames, batch["valid"].to(device, torch.float32) / frames.shape[2])
             clips += postprocess(out, cfg.head.nms)
             videos += batch["video_id"]
             windows += batch["window"]
             durations += batch["duration"]
     module.train(training)
-    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores)
+    return to_predictions(clips, videos, windows, durations, label_names, cfg.head.nms, cfg.head.seq_len, class_scores,
+                          sliding=cfg.data.sampling == "sliding")
+
+
+def model_input(frames_BNHW3: Tensor, cfg: Config, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """uint8 clips (B, N, H, W, 3) -> the model's evaluation input (B, 3, N, S, S): centre crop of
+    data.frame_size, normalised, on `device` in `dtype`."""
+    from re2tal.data.augment import augment_clips
+
+    return augment_clips(frames_BNHW3.to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean, cfg.backbone.pixel_std,
+                         torch.Generator(), training=False).to(dtype)
 
 
 def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_scores: dict | None = None, *,

@@ -3,7 +3,9 @@ complete, and loading trained weights from one.
 
 A checkpoint is a directory `<train.storage_path>/<train.name>/epochEEEE-stepSSSSSSSS` holding the
 DeepSpeed state (`state/`), every worker's RNG / generator / loss state (`worker_rank{r}.pt`) and
-the EMA weights (`ema.pt`). Under Ray Train every worker uploads its part and Ray registers the
+the EMA weights (`ema.pt`), and what the model is: its resolved config (`config.yaml`, credentials
+left out) and the label names of its classes (`labels.json`), so `re2tal predict --model <dir>`
+needs nothing else. Under Ray Train every worker uploads its part and Ray registers the
 checkpoint once all parts are there (`checkpoint_manager_snapshot.json`). In local mode (one
 process, `--local`) the directory is written here, to any fsspec storage, with `complete.json` last:
 a checkpoint is complete when Ray registered it or it has that file, and a run resumes from the
@@ -33,6 +35,7 @@ from re2tal.training.distributed import Worker
 STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each checkpoint directory
 COMPLETE = "complete.json"  # written last by local mode
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
+CONFIG, LABELS = "config.yaml", "labels.json"  # what the model is (rank 0)
 
 
 def name(epoch: int, step: int) -> str:
@@ -49,9 +52,10 @@ def run_url(cfg: Config) -> str:
 
 
 def save(path: str, engine, client_state: dict, generator: torch.Generator, criterion: nn.Module, ema, worker: Worker,
-         extra: dict[str, Any] | None = None) -> None:
+         extra: dict[str, Any] | None = None, cfg: Config | None = None, labels: list[str] | None = None) -> None:
     """This worker's part of a checkpoint into the local directory `path`; `extra` (rank 0):
-    JSON-able records kept with it (e.g. tracking records not yet sent)."""
+    JSON-able records kept with it (e.g. tracking records not yet sent); `cfg`, `labels` (rank 0):
+    the run's resolved config and label names (`model_info` reads them back)."""
     engine.save_checkpoint(path, tag=STATE_TAG, client_state={"re2tal": client_state})
     torch.save({"rng": dist_utils.rng_state(), "generator": generator.get_state(), "criterion": criterion.state_dict()},
                Path(path, f"worker_rank{worker.rank}.pt"))
@@ -60,6 +64,30 @@ def save(path: str, engine, client_state: dict, generator: torch.Generator, crit
             torch.save(ema.state_dict(), Path(path, "ema.pt"))
         if extra:
             Path(path, "extra.json").write_text(json.dumps(extra))
+        if cfg is not None:
+            Path(path, CONFIG).write_text(config_yaml(cfg))
+        if labels is not None:
+            Path(path, LABELS).write_text(json.dumps(labels))
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that validates again: credentials left out (not masked), so
+    whoever loads it uses their own (environment, instance profile, or --set)."""
+    import yaml
+
+    tree = cfg.model_dump(mode="json")
+    tree["storage"] |= {"access_key_id": None, "secret_access_key": None}
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def model_info(path: Path) -> tuple[dict | None, list[str] | None]:
+    """(the config tree, the label names) a checkpoint directory holds; None for what it lacks
+    (checkpoints written before re2tal kept them)."""
+    import yaml
+
+    config, labels = path / CONFIG, path / LABELS
+    return (yaml.safe_load(config.read_text()) if config.exists() else None,
+            json.loads(labels.read_text()) if labels.exists() else None)
 
 
 def restore(path: str, engine, criterion: nn.Module, ema, generator: torch.Generator, worker: Worker) -> tuple[dict, dict]:
@@ -132,32 +160,33 @@ def latest(cfg: Config) -> str | None:
 
 
 @contextlib.contextmanager
-def local_checkpoint(url: str, storage: StorageConfig) -> Iterator[Path]:
-    """A checkpoint directory (local path or object-storage URL) as a local path."""
+def local_checkpoint(url: str, storage: StorageConfig, flag: str = "--checkpoint") -> Iterator[Path]:
+    """A checkpoint directory (local path or object-storage URL) as a local path; `flag` names
+    where the URL came from in errors."""
     if is_local(url):
         path = Path(url.removeprefix("file://"))
         if not path.is_dir():
-            raise BadInput(f"--checkpoint: {url} is not a checkpoint directory")
+            raise BadInput(f"{flag}: {url} is not a checkpoint directory")
         yield path
         return
     fs, remote = filesystem(url, storage)
     if not fs.isdir(remote):
-        raise BadInput(f"--checkpoint: {url} is not a checkpoint directory")
+        raise BadInput(f"{flag}: {url} is not a checkpoint directory")
     with tempfile.TemporaryDirectory(prefix="re2tal-ckpt-") as tmp:
         fs.get(remote.rstrip("/") + "/", tmp, recursive=True)
         yield Path(tmp)
 
 
-def load_weights(model: nn.Module, path: Path, use_ema: bool = True) -> str:
+def load_weights(model: nn.Module, path: Path, use_ema: bool = True, flag: str = "--checkpoint") -> str:
     """Load trained weights from a checkpoint directory written by the training loop: the fp32
     weights of the DeepSpeed state (any ZeRO stage), then the EMA weights over them when kept.
     Returns which weights were loaded."""
     if not (path / STATE_TAG).is_dir():
-        raise BadInput(f"--checkpoint: {path} has no {STATE_TAG}/ folder; not a re2tal checkpoint")
-    state = _fp32_state(path)
+        raise BadInput(f"{flag}: {path} has no {STATE_TAG}/ folder; not a re2tal checkpoint")
+    state = _fp32_state(path, flag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
-        raise BadInput(f"--checkpoint: {path} does not fit this config's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise BadInput(f"{flag}: {path} does not fit this config's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if use_ema and (path / "ema.pt").exists():
         ema = torch.load(path / "ema.pt", map_location="cpu", weights_only=True)
         own = model.state_dict()
@@ -168,7 +197,7 @@ def load_weights(model: nn.Module, path: Path, use_ema: bool = True) -> str:
     return "model"
 
 
-def _fp32_state(path: Path) -> dict[str, torch.Tensor]:
+def _fp32_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
     """ZeRO checkpoints hold the fp32 master weights in the optimizer partitions; without ZeRO
     partitions (stage 0 in fp32) the module state dict is complete."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -177,6 +206,6 @@ def _fp32_state(path: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=STATE_TAG)
     files = sorted((path / STATE_TAG).glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise BadInput(f"--checkpoint: {path}/{STATE_TAG} holds no model states")
+        raise BadInput(f"{flag}: {path}/{STATE_TAG} holds no model states")
     module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}

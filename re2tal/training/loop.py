@@ -3,12 +3,12 @@
 Every worker builds the same model (`task.build_model`), wraps it in a DeepSpeed engine and
 iterates its shard of the epoch; all workers take the same number of micro-batches (a worker with
 one more would wait forever in the gradient all-reduce). Each step reads top to bottom: batch ->
-the task's losses (input, forward, losses) -> backward -> step -> log. Per-step metrics go to MLflow
-from rank 0 through a background tracker (never waiting on the tracking server or on Ray Train);
-`ray.train.report` is called only at evaluations and checkpoints. A checkpoint (DeepSpeed state,
-per-worker RNG / loss state, EMA, tracking records not sent yet) is saved at every epoch end (and
-every `train.checkpoint_every_steps`); a restart resumes from the latest complete one with no step
-repeated or lost.
+the task's losses (input, forward, losses) -> backward -> step -> log. Per-step metrics go to
+MLflow from rank 0 through a background tracker (never waiting on the tracking server or on Ray
+Train); `ray.train.report` is called only at a launch's first step, evaluations and checkpoints. A
+checkpoint (DeepSpeed state, per-worker RNG / loss state, EMA, tracking records not sent yet) is
+saved at every epoch end (and every `train.checkpoint_every_steps`); a restart resumes from the
+latest complete one with no step repeated or lost.
 """
 
 from __future__ import annotations
@@ -97,12 +97,18 @@ def train_loop_per_worker(config: dict) -> None:
                 config.get("local", False), cursor=config.get("cursor"))
     try:
         loop.run(loop.resume(), micro_per_epoch=steps * cfg.deepspeed.gradient_accumulation_steps)
-    finally:
+    except BaseException:
+        # what the last checkpoint does not keep is trained again after a restart: a short flush
         if system is not None:
-            system.close(cfg.tracking.retry_s)
-        if tracker is not None and not tracker.close(cfg.tracking.retry_s):
-            log.warning("MLflow did not take %d metric records in tracking.retry_s=%g s (%s); the last checkpoint keeps them "
-                        "and a resumed run sends them", len(tracker.unsent()), cfg.tracking.retry_s, tracker.last_error)
+            system.close(min(cfg.tracking.retry_s, 30.0))
+        if tracker is not None:
+            tracker.close(min(cfg.tracking.retry_s, 30.0))
+        raise
+    if system is not None:
+        system.close(cfg.tracking.retry_s)
+    if tracker is not None and not tracker.close(cfg.tracking.retry_s):
+        log.warning("MLflow did not take %d metric records in tracking.retry_s=%g s (%s); the last checkpoint keeps them "
+                    "and a resumed run sends them", len(tracker.unsent()), cfg.tracking.retry_s, tracker.last_error)
 
 
 def system_metrics(cfg: Config, worker: Worker, tracker, uri: str | None, run_id: str | None):
@@ -138,6 +144,7 @@ class Loop:
         # master weights in the optimizer); inputs are cast to it, no autocast.
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
         self.source = VideoSource(cfg.storage)
+        self.reported = False  # whether this launch has reported to Ray Train yet
 
     # -- the epoch loop -------------------------------------------------------------------------
 
@@ -218,9 +225,12 @@ class Loop:
                 if self.ema is not None:
                     self.ema.update(engine.module)
                 self.show_step(state, window_losses[-1][0].item())
-                if state.step % cfg.train.report_every_steps == 0:
+                if not self.reported or state.step % cfg.train.report_every_steps == 0:
                     now = time.perf_counter()
-                    self.log(state, self.train_metrics(state, window_losses, window_clips / max(now - window_start, 1e-9)))
+                    metrics = self.train_metrics(state, window_losses, window_clips / max(now - window_start, 1e-9))
+                    # This launch's first step also goes to Ray Train: a first report does not wait
+                    # for the controller, and Tune's memory budget sees the peak this early.
+                    (self.log if self.reported else self.report)(state, metrics)
                     window_losses, window_clips, window_start = [], 0, now
                 if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0 \
                         and state.micro < self.micro_per_epoch:
@@ -369,11 +379,12 @@ class Loop:
             self.tracker.metrics(metrics, step=state.step)
 
     def report(self, state: State, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        """Metrics to MLflow, and with a checkpoint to Ray Train from every worker: only at
-        evaluations, checkpoints and stops (each report after the first waits for Ray Train's
-        controller to poll, about 2 s)."""
+        """Metrics to MLflow, and with a checkpoint to Ray Train from every worker: only at a
+        launch's first step, evaluations, checkpoints and stops (each report after the first waits
+        for Ray Train's controller to poll, about 2 s)."""
         import ray.train
 
+        self.reported = True
         self.log(state, metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
@@ -397,7 +408,7 @@ class Loop:
             os.makedirs(path)
             extra = {"unsent_metrics": self.tracker.unsent()} if self.tracker is not None else None
             checkpoints.save(path, self.engine, dataclasses.asdict(state), self.generator, self.criterion, self.ema, self.worker,
-                             extra)
+                             extra, cfg=self.cfg, labels=self.annotations.labels)
             if self.local:
                 url = checkpoints.persist(self.cfg, path)
                 if is_local(url):
