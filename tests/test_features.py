@@ -64,30 +64,35 @@ def _video(duration: float):
                  segments=np.array([[3.0, 9.5], [20.2, 31.0]], np.float32), labels=np.array([0, 1]))
 
 
-@pytest.mark.parametrize("interval, frames, duration", [(1, 64, 30.0), (3, 32, 61.7), (2, 16, 5.0)])
-def test_one_frame_features_at_the_frame_step_have_the_frame_samplers_windows_and_targets(tmp_path, interval, frames, duration):
+@pytest.mark.parametrize("interval, frames, duration, overrides", [
+    (1, 64, 30.0, {}), (3, 32, 61.7, {"data.last_window": "end_aligned"}), (2, 16, 5.0, {}),
+    (2, 32, 40.0, {"data.last_window": "end_aligned", "data.truncate_threshold": 0.5, "data.truncate_crop_ratio": [0.9, 1.0]})])
+def test_one_frame_features_at_the_frame_step_have_the_frame_samplers_windows_and_targets(tmp_path, interval, frames, duration,
+                                                                                        overrides):
     """Features of single-frame clips every `frame_interval` frames are samples of the frame
-    sampler's grid: every evaluation window has the same seconds and real samples as the sliding
-    frame windows, so the targets on the head's grid are the same."""
-    from re2tal.data import sampling
+    sampler's grid: every evaluation window, and OpenTAD's truncated training window for the same
+    random draws, has the seconds and real samples of the frame windows, so the same targets."""
+    from re2tal.data.dataset import plan_windows
     from re2tal.data.features import plan_cells
+    from re2tal.data.video import VideoInfo
     from re2tal.detection import targets_in_window
 
     fps = 10.0
     cfg = tiny_config(tmp_path, "a.json", "w", **{"data.sampling": "sliding", "data.num_frames": frames,
-                                                   "data.frame_interval": interval, "data.window_stride": frames // 4})
-    step = interval / fps
-    by_frames = sampling.sliding_windows(duration, step, frames, frames // 4, first_centre=0.5 / fps)
-    clips = math.ceil(round(duration * fps) / interval)  # a clip at every interval-th frame
-    meta = _meta(1, interval, fps)
-    video = _video(duration)
-    by_features = [(meta.window(j0, cells), min(cells, clips - j0))
-                   for j0, cells in plan_cells(clips, video, cfg, meta, training=False, rng=np.random.default_rng(0))]
-    assert len(by_features) == len(by_frames)
-    for (w, real), f in zip(by_features, by_frames):
-        assert (w.start, w.end, real) == pytest.approx((f.start, f.end, f.valid))
-        ours, theirs = (targets_in_window(video.segments, video.labels, (x.start, x.end), cfg.head.seq_len) for x in (w, f))
-        assert np.allclose(ours[0], theirs[0], atol=1e-4) and ours[1].tolist() == theirs[1].tolist()
+                                                   "data.frame_interval": interval, "data.window_stride": frames // 4, **overrides})
+    n = round(duration * fps)
+    info = VideoInfo(frames=n, fps=fps, duration=duration, height=32, width=32)
+    meta, video = _meta(1, interval, fps), _video(duration)
+    clips = math.ceil(n / interval)  # a clip at every interval-th frame
+    passes = [(False, 0)] + [(True, seed) for seed in range(5)] * ("data.truncate_threshold" in overrides)
+    for training, seed in passes:
+        by_frames = plan_windows(info, video, cfg, training, np.random.default_rng(seed))
+        by_features = [w for _, w in plan_cells(clips, video, cfg, meta, training, np.random.default_rng(seed))]
+        assert len(by_features) == len(by_frames)
+        for w, f in zip(by_features, by_frames):
+            assert (w.start, w.end, w.valid, w.min_inside) == pytest.approx((f.start, f.end, f.valid, f.min_inside))
+            ours, theirs = (targets_in_window(video.segments, video.labels, (x.start, x.end), cfg.head.seq_len) for x in (w, f))
+            assert np.allclose(ours[0], theirs[0], atol=1e-4) and ours[1].tolist() == theirs[1].tolist()
 
 
 def test_resampled_features_sit_at_the_seconds_of_the_heads_grid():
@@ -104,8 +109,8 @@ def test_resampled_features_sit_at_the_seconds_of_the_heads_grid():
     clips = 32  # 2 x seq_len: linear resampling stays inside the sequence
     centres = (np.arange(clips) * meta.clip_stride + meta.clip_frames / 2) / meta.fps
     video = _video(meta.duration(clips))
-    [(j0, cells)] = plan_cells(clips, video, cfg, meta, training=False, rng=np.random.default_rng(0))
-    item = make_item(centres[:, None], video, j0, cells, meta, cfg.head.seq_len)
+    [(j0, w)] = plan_cells(clips, video, cfg, meta, training=False, rng=np.random.default_rng(0))
+    item = make_item(centres[:, None], video, j0, w, meta, cfg.head.seq_len)
     grid_times = grid_to_seconds(np.arange(cfg.head.seq_len, dtype=np.float64), item["window"], cfg.head.seq_len)
     assert np.allclose(item["features"][0].numpy(), grid_times, atol=1e-5)
     assert item["valid"] == 1.0 and item["window"][1] - item["window"][0] == pytest.approx(clips * meta.step)
@@ -148,6 +153,7 @@ def test_a_run_on_features_from_s3_trains_evaluates_and_logs_a_model_of_the_head
 
     from re2tal.data.synth import class_names
     from re2tal.tasks.features import FeatureLocalization
+    from re2tal.tasks.predict import load_model
     from re2tal.tracking import resolve_uri
     from re2tal.training.driver import fit
 
@@ -166,6 +172,8 @@ def test_a_run_on_features_from_s3_trains_evaluates_and_logs_a_model_of_the_head
     sources = {i.dataset.source for i in run.inputs.dataset_inputs}
     assert len(sources) == 1 and s3.url("features") in sources.pop()
 
+    with pytest.raises(BadInput, match="is a head trained on features .* not from videos"):  # re2tal predict --model
+        load_model(metrics["model_uri"], None, {"tracking.tracking_uri": resolve_uri(cfg.tracking.tracking_uri)}, cfg.storage)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", resolve_uri(cfg.tracking.tracking_uri))
     model = mlflow.pyfunc.load_model(metrics["model_uri"])
     npy = sorted(local.glob("*.npy"))[0]

@@ -176,6 +176,10 @@ def test_each_finished_launch_logs_the_classifier_as_the_runs_model_which_classi
         load_weights(trained, path)
     assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), trained.state_dict().values()))
 
+    from re2tal.tasks import predict
+
+    with pytest.raises(BadInput, match="is not a localization model"):  # re2tal predict --model
+        predict.load_model(second["model_uri"], None, {"tracking.tracking_uri": uri}, cfg.storage)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     [answer] = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict([str(sorted(clip_set.glob("*.mp4"))[0])])
     assert sorted(c["label"] for c in answer["classes"]) == sorted(labels)  # top-3 of 3 classes

@@ -72,6 +72,25 @@ def test_the_logged_model_loads_through_pyfunc_and_predicts_the_checkpoints_segm
     assert got[2]["video"].endswith("missing.mp4") and "cannot read video" in got[2]["error"]  # the others still answered
 
 
+def test_re2tal_predict_runs_a_registered_model_as_it_runs_the_checkpoint(trained, local_set, tmp_path):
+    """`re2tal predict --model models:/<name>/<version>` (a Ray Data job) predicts what the same
+    job predicts with `--model <checkpoint>`, with no --config."""
+    from re2tal.data.collection import collection
+    from re2tal.tasks.predict import load_model, predict
+    from re2tal.tracking import resolve_uri
+
+    cfg, metrics = trained
+    at = {"tracking.tracking_uri": resolve_uri(cfg.tracking.tracking_uri)}
+    logged = load_model(f"models:/{REGISTERED}/1", None, at, cfg.storage)
+    checkpoint = load_model(metrics["checkpoint"], None, {}, cfg.storage)
+    assert logged.labels == checkpoint.labels and logged.cfg.head == checkpoint.cfg.head and logged.weights == "logged"
+    video = str(sorted(Path(local_set).parent.glob("*.mp4"))[0])
+    videos = collection(video, logged.cfg.data, logged.cfg.storage)
+    ours, _ = predict(logged, videos, str(tmp_path / "logged.json"), progress=False)
+    theirs, _ = predict(checkpoint, videos, str(tmp_path / "checkpoint.json"), progress=False)
+    assert ours["results"] == theirs["results"] and ours["results"][videos[0].id]
+
+
 def test_the_model_is_registered_once_and_linked_to_the_run(trained):
     from re2tal.tasks.localization import Localization
     from re2tal.tracking import resolve_uri

@@ -59,7 +59,7 @@ from typing import Callable, Iterable, Iterator, TypedDict
 import numpy as np
 import torch
 
-from re2tal.config import Config
+from re2tal.config import Config, DataConfig
 from re2tal.data import sampling
 from re2tal.data.annotations import Annotations, Video, load_annotations
 from re2tal.data.cache import Lease
@@ -103,14 +103,22 @@ def plan_windows(info: VideoInfo, video: Video, cfg: Config, training: bool, rng
                                      d.num_frames, rng if training else None)]
     if d.sampling == "uniform":
         return [sampling.uniform_window(info.duration, d.num_frames)]
-    step, first_centre = d.frame_interval / info.fps, 0.5 / info.fps
+    return sliding_plan(d, info.duration, d.frame_interval / info.fps, 0.5 / info.fps, d.num_frames, d.window_stride, training,
+                        rng, video.segments)
+
+
+def sliding_plan(d: DataConfig, duration: float, step: float, first_centre: float, samples: int, stride: int, training: bool,
+                 rng: np.random.Generator, segments: np.ndarray) -> list[sampling.Window]:
+    """data.sampling sliding on a grid of `step` s whose first sample is at `first_centre`: windows
+    of `samples` samples, evaluation ones `stride` apart; training one truncated window (OpenTAD's
+    rule with data.truncate_threshold, else random), or the first. Frames and extracted features
+    (re2tal.data.features) both window by it."""
     if training and d.random_truncate and d.truncate_threshold is not None:
-        return [sampling.truncated_window(info.duration, step, d.num_frames, rng, video.segments, d.truncate_threshold,
-                                          d.truncate_crop_ratio, first_centre)]
+        return [sampling.truncated_window(duration, step, samples, rng, segments, d.truncate_threshold, d.truncate_crop_ratio,
+                                          first_centre)]
     if training and d.random_truncate:
-        return [sampling.random_window(info.duration, step, d.num_frames, rng, video.segments)]
-    windows = sampling.sliding_windows(info.duration, step, d.num_frames, d.window_stride, first_centre,
-                                       end_aligned=d.last_window == "end_aligned")
+        return [sampling.random_window(duration, step, samples, rng, segments)]
+    windows = sampling.sliding_windows(duration, step, samples, stride, first_centre, end_aligned=d.last_window == "end_aligned")
     return windows[:1] if training else windows
 
 

@@ -13,13 +13,13 @@ W features are resampled to head.seq_len positions as a backbone's are (linear,
 align_corners=False, which keeps the centres aligned), so targets and decoded segments go through
 that window in seconds exactly as end to end (re2tal.detection.grid).
 
-Windows follow the frame sampler's rules, counted in feature cells:
-- uniform: the whole sequence, one window;
-- sliding: windows of num_frames * frame_interval / clip_stride cells (the seconds a window of
-  frames spans, at the features' fps), evaluation windows window_stride * frame_interval /
-  clip_stride cells apart, the last reaching the end; training takes one window, at a random
-  place overlapping a random action if random_truncate, else the first. Cells past the end
-  repeat the last feature and are padding (`valid`).
+Windows follow the frame sampler's rules (re2tal.data.dataset.sliding_plan), counted in feature
+cells: `uniform` takes the whole sequence as one window; `sliding` takes windows of
+num_frames * frame_interval / clip_stride cells (the seconds a window of frames spans, at the
+features' fps), evaluation windows window_stride * frame_interval / clip_stride cells apart (the
+last padded or end-aligned, data.last_window), training one window (OpenTAD's truncation with
+data.truncate_threshold, else a random one overlapping an action, or the first), each start moved
+to the nearest cell. Cells past the end repeat the last feature and are padding (`valid`).
 
 A batch: `features` float32 (B, C, head.seq_len), `valid` float32 (B,) the fraction of each item's
 positions that is real, and the lists `video_id`, `window`, `duration`, `segments`, `labels` of a
@@ -133,38 +133,39 @@ def check_files(url: str, storage: StorageConfig, annotations: Annotations, subs
                            f"(e.g. {missing[0]}.npy)")
 
 
-def plan_cells(clips: int, video: Video, cfg: Config, meta: FeatureMeta, training: bool, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """The windows of one video's features as (first cell, cells): the frame sampler's windows
-    (re2tal.data.sampling) over the video's duration, in steps of the features' grid; see the
-    module docstring."""
+def plan_cells(clips: int, video: Video, cfg: Config, meta: FeatureMeta, training: bool,
+               rng: np.random.Generator) -> list[tuple[int, sampling.Window]]:
+    """The windows of one video's features: (first cell, the window in seconds, whose `valid`
+    counts its real cells). The frame sampler's rules (re2tal.data.dataset.sliding_plan) over
+    the video's duration on the features' grid, each window's start moved to the nearest cell;
+    see the module docstring."""
     d = cfg.data
     if d.sampling == "uniform":
-        return [(0, clips)]
+        return [(0, meta.window(0, clips))]
     cells = max(1, round(d.num_frames * d.frame_interval / meta.clip_stride))
+    stride = max(1, round(d.window_stride * d.frame_interval / meta.clip_stride))
     origin = meta.window(0, 1).start
-    if training and d.random_truncate:
-        windows = [sampling.random_window(video.duration, meta.step, cells, rng, video.segments)]
-    elif training:
-        return [(0, cells)]
-    else:
-        stride = max(1, round(d.window_stride * d.frame_interval / meta.clip_stride))
-        windows = sampling.sliding_windows(video.duration, meta.step, cells, stride, first_centre=origin + meta.step / 2)
-    starts = [min(clips - 1, max(0, round((w.start - origin) / meta.step))) for w in windows]
-    return [(j0, cells) for j0 in dict.fromkeys(starts)]  # a duration past the features' end: no window twice
+    planned = []
+    for w in dataset.sliding_plan(d, video.duration, meta.step, origin + meta.step / 2, cells, stride, training, rng,
+                                  video.segments):
+        j0 = min(clips - 1, max(0, round((w.start - origin) / meta.step)))
+        on_grid = meta.window(j0, cells)
+        planned.append((j0, sampling.Window(on_grid.start, on_grid.end, min(w.valid, clips - j0), w.min_inside)))
+    return list({j0: (j0, w) for j0, w in planned}.values())  # a duration past the features' end: no window twice
 
 
-def make_item(array: np.ndarray, video: Video, j0: int, cells: int, meta: FeatureMeta, seq_len: int) -> dict[str, Any]:
-    """One window of a video's features, resampled to `seq_len` positions, with its targets."""
-    part = array[j0: j0 + cells]
-    real = len(part)
-    if real < cells:  # past the end: repeat the last feature (padding, masked by `valid`)
-        part = np.concatenate([part, np.repeat(part[-1:], cells - real, axis=0)])
+def make_item(array: np.ndarray, video: Video, j0: int, w: sampling.Window, meta: FeatureMeta, seq_len: int) -> dict[str, Any]:
+    """One window of a video's features from cell j0, resampled to `seq_len` positions, with its
+    targets (segments in seconds, as a clip's)."""
+    cells = round((w.end - w.start) / meta.step)
+    part = array[j0: j0 + w.valid]
+    if len(part) < cells:  # past the end or cropped: repeat the last feature (padding, masked by `valid`)
+        part = np.concatenate([part, np.repeat(part[-1:], cells - len(part), axis=0)])
     x = torch.from_numpy(part.astype(np.float32)).T[None]  # (1, C, cells)
     if cells != seq_len:
         x = F.interpolate(x, size=seq_len, mode="linear", align_corners=False)
-    w = meta.window(j0, cells)
-    segments, labels = sampling.segments_in(w, video.duration, video.segments, video.labels)
-    return {"video_id": video.id, "features": x[0], "valid": real / cells, "window": (w.start, w.end),
+    segments, labels = sampling.segments_in(w, video.duration, video.segments, video.labels, cells)
+    return {"video_id": video.id, "features": x[0], "valid": w.valid / cells, "window": (w.start, w.end),
             "duration": float(video.duration), "segments": segments, "labels": labels}
 
 
@@ -198,8 +199,8 @@ class FeatureDataset:
         for video in self.videos:
             array = load_array(file_url(self.meta.url, video.id), cfg.storage)
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, video.index])
-            for j0, cells in plan_cells(len(array), video, cfg, self.meta, self.training, rng):
-                yield make_item(array, video, j0, cells, self.meta, cfg.head.seq_len)
+            for j0, w in plan_cells(len(array), video, cfg, self.meta, self.training, rng):
+                yield make_item(array, video, j0, w, self.meta, cfg.head.seq_len)
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
         return batches(self, batch_size, drop_last)

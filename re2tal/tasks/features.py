@@ -67,7 +67,7 @@ class FeatureLocalization(Localization):
         from re2tal.tasks.mlmodel import FeatureLocalizer, log_trained_model
 
         return log_trained_model(cfg, metrics, tracker, FeatureLocalizer(), lambda c: build_feature_model(c, self.meta.channels),
-                                 self.head_labels(cfg), extra={"features": self.meta.to_json()})
+                                 self.label_map, extra={"features": self.meta.to_json()})
 
 
 def predict_features(model: nn.Module, cfg: Config, meta: FeatureMeta, url: str, labels: list[str],
@@ -79,8 +79,8 @@ def predict_features(model: nn.Module, cfg: Config, meta: FeatureMeta, url: str,
     name = posixpath.basename(url.rstrip("/")).removesuffix(".npy")
     video = Video(id=name, url=url, duration=meta.duration(len(array)), subset="", index=0,
                   segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
-    items = [make_item(array, video, j0, cells, meta, cfg.head.seq_len)
-             for j0, cells in plan_cells(len(array), video, cfg, meta, training=False, rng=np.random.default_rng(0))]
+    items = [make_item(array, video, j0, w, meta, cfg.head.seq_len)
+             for j0, w in plan_cells(len(array), video, cfg, meta, training=False, rng=np.random.default_rng(0))]
     device = next(model.parameters()).device
     submission = predict(model, batches(items, cfg.data.batch_size), cfg, device, labels, class_scores)
     return {"video": url, "duration": video.duration, "segments": submission["results"].get(name, [])}

@@ -151,11 +151,7 @@ class Localization(Task):
         tracking.register_model): `mlflow.pyfunc.load_model(uri).predict([video URLs])`."""
         from re2tal.tasks.mlmodel import VideoLocalizer, log_trained_model
 
-        return log_trained_model(cfg, metrics, tracker, VideoLocalizer(), build_model, self.head_labels(cfg))
-
-    def head_labels(self, cfg: Config) -> list[str]:
-        """`label_names` of the annotations `check_data` read (on the driver)."""
-        return self.label_map if cfg.head.num_classes > 1 or cfg.head.nms.external_scores else ["action"]
+        return log_trained_model(cfg, metrics, tracker, VideoLocalizer(), build_model, self.label_map)
 
     def summary(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
         rows = [(f"mAP@{k.removeprefix('mAP_')}", f"{metrics[k]:.4f}") for k in sorted(k for k in metrics if k.startswith("mAP_"))]

@@ -11,10 +11,14 @@ It is a pyfunc model that runs on whole videos:
 features takes `.npy` feature files instead; a fine-tuned classifier answers each video's top
 classes). Its directory holds, beside MLflow's own files:
 
-    artifacts/config.yaml   the run's resolved config, storage credentials and backbone.pretrained
-                            left out (the weights hold the trained backbone)
-    artifacts/weights.pt    the network's state dict, fp32 (the EMA weights when the run kept them)
-    artifacts/labels.json   the names of the head's classes, in output order
+    artifacts/config.yaml   the run's resolved config, storage credentials left out (as a checkpoint's)
+    artifacts/backbone.pt   the trained backbone's state dict in its own layout, fp32: it is built
+                            as `backbone.pretrained` builds one from such a file (the file fixes
+                            what the config leaves open, e.g. SlowFast's fusion convs), so the model
+                            needs neither the pretrained file nor the checkpoint
+    artifacts/weights.pt    the rest of the network's state dict (head), fp32; both the EMA
+                            weights when the run kept them
+    artifacts/labels.json   the label map (class id -> name), as a checkpoint's
     artifacts/features.json (a head on features) the features it was trained on
 
 The python model is pickled by reference to its class here, so the model loads where re2tal is
@@ -39,7 +43,7 @@ from re2tal.errors import BadInput
 
 
 class TrainedModel(mlflow.pyfunc.PythonModel):
-    """Loads config, labels and weights into `self.cfg`, `self.labels`, `self.model` (CPU, eval
+    """Loads config, label map and weights into `self.cfg`, `self.labels`, `self.model` (CPU, eval
     mode); a subclass says how the network is built and what `predict` does with a list of URLs
     (its input type hint is the model's signature; its output has none: MLflow's for a list of
     dicts is `Any`, which it warns about on every load)."""
@@ -52,11 +56,22 @@ class TrainedModel(mlflow.pyfunc.PythonModel):
 
         from re2tal.config import validate
 
-        self.cfg = validate(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
-        self.labels = json.loads(Path(context.artifacts["labels"]).read_text())
-        self.model = self.build(self.cfg, context.artifacts)
-        self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
+        files = context.artifacts
+        self.cfg = validate(yaml.safe_load(Path(files["config"]).read_text()))
+        self.labels = json.loads(Path(files["labels"]).read_text())
+        self.model = self.build(self.cfg.with_overrides({"backbone.pretrained": files["backbone"]}) if "backbone" in files else self.cfg,
+                                files)
+        missing, unexpected = self.model.load_state_dict(torch.load(files["weights"], map_location="cpu", weights_only=True), strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise BadInput(f"the model's weights do not fit its config's network (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.model.eval()
+
+    def names(self, class_scores: dict | None) -> list[str]:
+        """The head's class names (`label_names` of the label map)."""
+        from re2tal.data.annotations import Annotations
+        from re2tal.tasks.localization import label_names
+
+        return label_names(self.cfg, Annotations(url="", videos=[], labels=self.labels), class_scores)
 
     def class_scores(self) -> dict | None:
         from re2tal.tasks.localization import Localization
@@ -76,8 +91,8 @@ class VideoLocalizer(TrainedModel):
         from re2tal.tasks.localization import predict_video
 
         scores = self.class_scores()
-        return [_or_error(url, lambda: predict_video(self.model, self.cfg, url, None, scores, labels=self.labels))
-                for url in model_input]
+        names = self.names(scores)
+        return [_or_error(url, lambda: predict_video(self.model, self.cfg, url, None, scores, labels=names)) for url in model_input]
 
 
 class FeatureLocalizer(TrainedModel):
@@ -95,8 +110,8 @@ class FeatureLocalizer(TrainedModel):
         from re2tal.tasks.features import predict_features
 
         scores = self.class_scores()
-        return [_or_error(url, lambda: predict_features(self.model, self.cfg, self.meta, url, self.labels, scores))
-                for url in model_input]
+        names = self.names(scores)
+        return [_or_error(url, lambda: predict_features(self.model, self.cfg, self.meta, url, names, scores)) for url in model_input]
 
 
 class VideoClassifier(TrainedModel):
@@ -125,12 +140,6 @@ def _or_error(url: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # logging at the end of a run
 
 
-def model_config(cfg: Config) -> Config:
-    """The config a logged model is built from: no storage credentials (the environment gives
-    them where it is used) and no backbone.pretrained (the weights hold the trained backbone)."""
-    return cfg.with_overrides({"backbone.pretrained": None, "storage.access_key_id": None, "storage.secret_access_key": None})
-
-
 def requirements() -> list[str]:
     """re2tal's pinned runtime dependencies, as installed here."""
     try:
@@ -140,10 +149,11 @@ def requirements() -> list[str]:
 
 
 def trained_network(cfg: Config, build: Callable[[Config], nn.Module], checkpoint: str) -> nn.Module:
-    """The network `build` makes, with the weights of a checkpoint (EMA if kept)."""
+    """The network `build` makes, with the weights of a checkpoint (EMA if kept); built as trained,
+    backbone.pretrained included (it may fix the architecture)."""
     from re2tal.training.checkpoints import load_weights, local_checkpoint
 
-    model = build(model_config(cfg))
+    model = build(cfg)
     with local_checkpoint(checkpoint, cfg.storage) as path:
         load_weights(model, path)
     return model.eval()
@@ -152,22 +162,29 @@ def trained_network(cfg: Config, build: Callable[[Config], nn.Module], checkpoin
 def log_trained_model(cfg: Config, metrics: dict[str, Any], tracker, python_model: TrainedModel,
                       build: Callable[[Config], nn.Module], labels: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the network of the run's last checkpoint as the run's model (`python_model` answers
-    its predict), registered as a new version of tracking.register_model if set; `extra`: more
+    its predict), with the run's label map `labels`, registered as a new version of
+    tracking.register_model if set; `extra`: more
     JSON artifacts ({name: object} -> artifacts/<name>.json). Adds `model_uri` (and
     `registered_model`) to the metrics. Without MLflow or a checkpoint, nothing; a tracking server
     that does not take it within tracking.retry_s is a printed line, not a failed run (the
     checkpoint keeps the weights)."""
     from re2tal import tracking
+    from re2tal.training.checkpoints import config_yaml
 
     if tracker is None or metrics.get("checkpoint") is None:
         return metrics
     model = trained_network(cfg, build, metrics["checkpoint"])
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
 
     def save(path: str, mlflow_model) -> None:
         with tempfile.TemporaryDirectory(prefix="re2tal-model-") as tmp:
             files = {"config": Path(tmp, "config.yaml"), "weights": Path(tmp, "weights.pt"), "labels": Path(tmp, "labels.json")}
-            files["config"].write_text(model_config(cfg).to_yaml())
-            torch.save({k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, files["weights"])
+            files["config"].write_text(config_yaml(cfg))
+            torch.save({k: v for k, v in state.items() if not k.startswith("backbone.")}, files["weights"])
+            if backbone:
+                files["backbone"] = Path(tmp, "backbone.pt")
+                torch.save(backbone, files["backbone"])
             files["labels"].write_text(json.dumps(labels))
             for name, obj in (extra or {}).items():
                 files[name] = Path(tmp, f"{name}.json")
@@ -197,8 +214,8 @@ def log_trained_model(cfg: Config, metrics: dict[str, Any], tracker, python_mode
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[Config, nn.Module, list[str]]:
     """A model URI (`runs:/<run_id>/model`, `models:/<model_id>`, `models:/<name>/<version>` or
     `models:/<name>@<alias>` at `tracking_uri`, default MLflow's; or a local model directory) as
-    (its config, the network with its trained weights on the CPU in eval mode, the names of the
-    head's classes). BadInput if there is no such re2tal model."""
+    (its config, the network with its trained weights on the CPU in eval mode, its label map).
+    BadInput if there is no such re2tal model."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 

@@ -49,10 +49,33 @@ def load_model(spec: str, cfg: Config | None, overrides: dict[str, Any], storage
     """The one place a `--model` is resolved. `cfg`: the config given with --config (overrides
     applied), else the model's own with `overrides` on top; `storage`: how to read the model."""
     if spec.startswith(MLFLOW_SCHEMES):
-        # A loader for models logged to MLflow (runs:/<id>/model, models:/<name>/<version>) goes
-        # here: it returns the same Model from the logged config, label names and weights.
-        raise BadInput(f"{flag}: {spec}: MLflow model URIs cannot be loaded yet; give a checkpoint directory (local or s3://)")
+        return _from_mlflow(spec, cfg, overrides, flag)
     return _from_checkpoint(spec, cfg, overrides, storage, flag)
+
+
+def _from_mlflow(uri: str, cfg: Config | None, overrides: dict[str, Any], flag: str) -> Model:
+    """A model a training run logged (re2tal.tasks.mlmodel), at the tracking URI of the --config
+    or of `--set tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else the default
+    sqlite:///mlflow.db. Its network is the logged one; the config (its own, or --config)
+    says how it predicts."""
+    import os
+
+    from re2tal.config import TrackingConfig
+    from re2tal.tasks.localization import FeatureInput, Localizer
+    from re2tal.tasks.mlmodel import load_model as load_logged
+    from re2tal.tracking import resolve_uri
+
+    tracking_uri = (cfg.tracking.tracking_uri if cfg is not None else overrides.get("tracking.tracking_uri")) \
+        or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig().tracking_uri
+    logged, module, labels = load_logged(uri, resolve_uri(tracking_uri))
+    if not isinstance(module, Localizer):
+        raise BadInput(f"{flag}: {uri} is not a localization model ({type(module).__name__}, e.g. a re2tal finetune classifier)")
+    if isinstance(module.backbone, FeatureInput):
+        raise BadInput(f"{flag}: {uri} is a head trained on features (data.features): it predicts from feature files "
+                       "(mlflow.pyfunc.load_model(uri).predict([...npy])), not from videos")
+    if cfg is None:
+        cfg = validate(apply_overrides(logged.to_dict(), overrides))
+    return Model(cfg, module, labels, uri, "logged")
 
 
 def _from_checkpoint(url: str, cfg: Config | None, overrides: dict[str, Any], storage: StorageConfig, flag: str) -> Model:
