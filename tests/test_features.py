@@ -54,7 +54,7 @@ def write_features(folder: Path, annotations: str, clip_frames: int = CLIP_FRAME
 def _meta(clip_frames: int, clip_stride: int, fps: float, channels: int = 4):
     from re2tal.data.features import FeatureMeta
 
-    return FeatureMeta("features", clip_frames, clip_stride, fps, channels, {})
+    return FeatureMeta("features", clip_frames, clip_stride, fps, channels)
 
 
 def _video(duration: float):

@@ -2,11 +2,13 @@
 whose seconds follow the same rules as clips of frames.
 
     <DIR>/<video_id>.npy    float16 (clips, channels): clip j's pooled backbone features
-    <DIR>/features.json     {"clip_frames", "clip_stride" (source frames), "fps", "frame_size", "backbone", "weights"}
+    <DIR>/features.json     {"clip_frames", "clip_stride", "frame_interval" (default 1), "fps", "frame_size",
+                             "backbone", "weights", ...; "videos": {id: {"fps", ...}} when fps is null}
 
-Clip j covers source frames [j * clip_stride, j * clip_stride + clip_frames), on screen from
-j * clip_stride / fps to (j * clip_stride + clip_frames) / fps; its feature stands for the clip's
-centre c_j = (j * clip_stride + clip_frames / 2) / fps. The features are thus a grid of step
+Clip j covers the frames j * clip_stride + k * frame_interval (k < clip_frames) of the frame grid
+(at fps), span = (clip_frames - 1) * frame_interval + 1 frames on screen from j * clip_stride / fps
+to (j * clip_stride + span) / fps; its feature stands for the clip's centre
+c_j = (j * clip_stride + span / 2) / fps. The features are thus a grid of step
 s = clip_stride / fps whose cell j is [c_j - s/2, c_j + s/2), as a clip's samples are
 (re2tal.data.sampling): W cells from cell j0 are the `Window` (c_j0 - s/2, c_j0 - s/2 + W s). Their
 W features are resampled to head.seq_len positions as a backbone's are (linear,
@@ -15,8 +17,9 @@ that window in seconds exactly as end to end (re2tal.detection.grid).
 
 Windows follow the frame sampler's rules (re2tal.data.dataset.sliding_plan), counted in feature
 cells: `uniform` takes the whole sequence as one window; `sliding` takes windows of
-num_frames * frame_interval / clip_stride cells (the seconds a window of frames spans, at the
-features' fps), evaluation windows window_stride * frame_interval / clip_stride cells apart (the
+data.num_frames * data.frame_interval / clip_stride cells (the seconds a window of frames spans,
+at the features' fps), evaluation windows data.window_stride * data.frame_interval / clip_stride
+cells apart (the
 last padded or end-aligned, data.last_window), training one window (OpenTAD's truncation with
 data.truncate_threshold, else a random one overlapping an action, or the first), each start moved
 to the nearest cell. Cells past the end repeat the last feature and are padding (`valid`).
@@ -31,7 +34,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -46,43 +49,56 @@ from re2tal.data.storage import filesystem, read_bytes
 from re2tal.errors import BadInput
 
 META_FILE = "features.json"
-META_KEYS = ("clip_frames", "clip_stride", "fps")
 
 
 @dataclass(frozen=True)
 class FeatureMeta:
-    """What `features.json` says, and the channels of the arrays."""
+    """What `features.json` says (re2tal.tasks.extract writes it), and the arrays' channels."""
 
     url: str  # the folder
     clip_frames: int
-    clip_stride: int
-    fps: float
+    clip_stride: int  # grid frames between the starts of consecutive clips
+    fps: float | None  # of the frame grid; None: each video's own (`rates`)
     channels: int
-    extra: dict  # the rest of features.json (frame_size, backbone, weights, ...)
+    frame_interval: int = 1  # grid frames between consecutive frames of a clip
+    rates: dict[str, float] = field(default_factory=dict)  # video id -> fps, when `fps` is None
+    extra: dict = field(default_factory=dict)  # the rest (frame_size, backbone, weights, ...)
+
+    def of(self, video_id: str) -> "FeatureMeta":
+        """This video's geometry (its own frame rate when the videos' differ)."""
+        if self.fps is not None:
+            return self
+        if video_id not in self.rates:
+            raise BadInput(f"data.features: {self.url}/{META_FILE} gives no fps, nor one for video {video_id!r}")
+        return replace(self, fps=self.rates[video_id], rates={})
 
     @property
     def step(self) -> float:
         """Seconds between consecutive features."""
         return self.clip_stride / self.fps
 
+    @property
+    def span(self) -> int:
+        """Grid frames from a clip's first to its last, both included."""
+        return (self.clip_frames - 1) * self.frame_interval + 1
+
     def window(self, j0: int, cells: int) -> sampling.Window:
-        """The seconds of `cells` feature cells from cell j0."""
-        start = (j0 * self.clip_stride + self.clip_frames / 2) / self.fps - self.step / 2
+        """The seconds of `cells` feature cells from cell j0 (cell j is centred on clip j)."""
+        start = (j0 * self.clip_stride + self.span / 2) / self.fps - self.step / 2
         return sampling.Window(start, start + cells * self.step, cells)
 
     def duration(self, clips: int) -> float:
         """Seconds the clips of a sequence cover (a video's length, as near as the features tell)."""
-        return ((clips - 1) * self.clip_stride + self.clip_frames) / self.fps
+        return ((clips - 1) * self.clip_stride + self.span) / self.fps
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, "url": self.url, "clip_frames": self.clip_frames, "clip_stride": self.clip_stride,
-                "fps": self.fps, "channels": self.channels}
+        return {**self.extra, "url": self.url, "clip_frames": self.clip_frames, "clip_stride": self.clip_stride, "fps": self.fps,
+                "channels": self.channels, "frame_interval": self.frame_interval, "rates": self.rates}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "FeatureMeta":
-        known = ("url", *META_KEYS, "channels")
-        return cls(raw["url"], int(raw["clip_frames"]), int(raw["clip_stride"]), float(raw["fps"]), int(raw["channels"]),
-                   {k: v for k, v in raw.items() if k not in known})
+        own = {k: raw[k] for k in ("url", "clip_frames", "clip_stride", "fps", "channels", "frame_interval", "rates") if k in raw}
+        return cls(**own, extra={k: v for k, v in raw.items() if k not in own})
 
 
 def file_url(folder: str, video_id: str) -> str:
@@ -111,12 +127,21 @@ def read_meta(url: str, storage: StorageConfig, probe: str) -> FeatureMeta:
         raise BadInput(f"data.features: {where} does not exist (not a `re2tal extract` output)") from None
     except ValueError as err:
         raise BadInput(f"data.features: {where} is not JSON ({err})") from None
-    missing = [k for k in META_KEYS if not isinstance(raw.get(k), (int, float)) or raw[k] <= 0]
+
+    def positive(key: str) -> bool:
+        return isinstance(raw.get(key), (int, float)) and raw[key] > 0
+
+    rates = {} if positive("fps") else {v: r.get("fps") for v, r in (raw.get("videos") or {}).items()}
+    missing = [k for k in ("clip_frames", "clip_stride") if not positive(k)]
+    if not (positive("fps") or (rates and all(isinstance(r, (int, float)) and r > 0 for r in rates.values()))):
+        missing.append("fps")
     if missing:
         raise BadInput(f"data.features: {where}: {', '.join(missing)} missing or not a positive number")
     channels = load_array(file_url(url, probe), storage).shape[1]
-    extra = {k: v for k, v in raw.items() if k not in (*META_KEYS, "channels")}
-    return FeatureMeta(url, int(raw["clip_frames"]), int(raw["clip_stride"]), float(raw["fps"]), channels, extra)
+    known = ("clip_frames", "clip_stride", "fps", "frame_interval", "channels", "videos")
+    return FeatureMeta(url, int(raw["clip_frames"]), int(raw["clip_stride"]), float(raw["fps"]) if positive("fps") else None,
+                       channels, int(raw.get("frame_interval") or 1), {v: float(r) for v, r in rates.items()},
+                       {k: v for k, v in raw.items() if k not in known})
 
 
 def check_files(url: str, storage: StorageConfig, annotations: Annotations, subsets: list[str]) -> None:
@@ -197,10 +222,10 @@ class FeatureDataset:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         for video in self.videos:
-            array = load_array(file_url(self.meta.url, video.id), cfg.storage)
+            array, meta = load_array(file_url(self.meta.url, video.id), cfg.storage), self.meta.of(video.id)
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, video.index])
-            for j0, w in plan_cells(len(array), video, cfg, self.meta, self.training, rng):
-                yield make_item(array, video, j0, w, self.meta, cfg.head.seq_len)
+            for j0, w in plan_cells(len(array), video, cfg, meta, self.training, rng):
+                yield make_item(array, video, j0, w, meta, cfg.head.seq_len)
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
         return batches(self, batch_size, drop_last)

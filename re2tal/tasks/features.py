@@ -77,6 +77,7 @@ def predict_features(model: nn.Module, cfg: Config, meta: FeatureMeta, url: str,
     what the clips cover."""
     array = load_array(url, cfg.storage)
     name = posixpath.basename(url.rstrip("/")).removesuffix(".npy")
+    meta = meta.of(name)
     video = Video(id=name, url=url, duration=meta.duration(len(array)), subset="", index=0,
                   segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
     items = [make_item(array, video, j0, w, meta, cfg.head.seq_len)
