@@ -37,11 +37,14 @@ def trained(ray_cluster, local_set, tmp_path_factory):  # noqa: F811
 
 
 def test_the_logged_model_loads_through_pyfunc_and_predicts_the_checkpoints_segments(trained, local_set, monkeypatch):
+    import mlflow.artifacts
     import mlflow.pyfunc
+    import torch
 
+    from re2tal.backbones import build_backbone
     from re2tal.data.annotations import load_annotations
     from re2tal.tasks.localization import build_model, predict_video
-    from re2tal.tasks.mlmodel import load_model
+    from re2tal.tasks.mlmodel import load_model, model_location
     from re2tal.tracking import resolve_uri
     from re2tal.training.checkpoints import load_weights, local_checkpoint
 
@@ -64,6 +67,11 @@ def test_the_logged_model_loads_through_pyfunc_and_predicts_the_checkpoints_segm
         assert predict_video(network, loaded_cfg, videos[0], None, labels=labels) == expected[0], model_uri
     with pytest.raises(BadInput, match="^--model: models:/nope/1: "):
         load_model("models:/nope/1", tracking_uri=uri)
+    # self-contained: the backbone is a backbone file of its own (also for re2tal extract's backbone.pretrained)
+    directory = Path(mlflow.artifacts.download_artifacts(model_location(metrics["model_uri"], uri)))
+    assert sorted(p.name for p in (directory / "artifacts").iterdir()) == ["backbone.pt", "config.yaml", "labels.json", "weights.pt"]
+    backbone = build_backbone(cfg.backbone.model_copy(update={"pretrained": str(directory / "artifacts" / "backbone.pt")}))
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in model.backbone.state_dict().items())
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # how a user points pyfunc at the store
     run_model = f"runs:/{metrics['mlflow_run_id']}/model"
