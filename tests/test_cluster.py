@@ -186,6 +186,12 @@ def test_node_lost_mid_run_resumes_on_a_replacement_node_from_s3(cluster, s3_set
     assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH  # as an uninterrupted run
     client, run = mlflow_run(cfg, metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # System metrics come from each machine's first worker (Ray Train's local rank 0): these
+    # loopback nodes share one IP, one machine to Ray Train, so one sampler and plain names (on a
+    # cluster of machines: system/node<k>/...)
+    _, reference_run = mlflow_run(cfg, reference["mlflow_run_id"])
+    system = {k for k in reference_run.data.metrics if k.startswith("system/")}
+    assert "system/cpu_utilization_percentage" in system and not any(k.startswith("system/node") for k in system), system
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
     assert resumed == [int(last_registered.rsplit("step", 1)[1])], (resumed, last_registered)
     losses: dict[int, list[float]] = {}
