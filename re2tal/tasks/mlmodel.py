@@ -59,9 +59,11 @@ class TrainedModel(mlflow.pyfunc.PythonModel):
         files = context.artifacts
         self.cfg = validate(yaml.safe_load(Path(files["config"]).read_text()))
         self.labels = json.loads(Path(files["labels"]).read_text())
-        self.model = self.build(self.cfg.with_overrides({"backbone.pretrained": files["backbone"]}) if "backbone" in files else self.cfg,
-                                files)
-        missing, unexpected = self.model.load_state_dict(torch.load(files["weights"], map_location="cpu", weights_only=True), strict=False)
+        # the backbone from its own file, as backbone.pretrained builds one (the file fixes its architecture)
+        built = self.cfg.with_overrides({"backbone.pretrained": files["backbone"]}) if "backbone" in files else self.cfg
+        self.model = self.build(built, files)
+        head = torch.load(files["weights"], map_location="cpu", weights_only=True)
+        missing, unexpected = self.model.load_state_dict(head, strict=False)
         if unexpected or any(not k.startswith("backbone.") for k in missing):
             raise BadInput(f"the model's weights do not fit its config's network (missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.model.eval()
