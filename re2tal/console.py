@@ -36,6 +36,7 @@ DRIVER_LEVELS = {
     "ray.tune": logging.CRITICAL,  # trial tables, tracebacks and timing notes: re2tal prints one line per trial instead
     "ray.train": logging.WARNING,
     "alembic": logging.WARNING,
+    "mlflow": logging.WARNING,  # "Creating initial MLflow database tables" when a command opens a new sqlite store
     "DeepSpeed": logging.WARNING,
     "torch.utils.cpp_extension": logging.ERROR,
     "mlflow.pyfunc": logging.ERROR,  # "a Python object as python_model is serialized using CloudPickle" when the model is logged

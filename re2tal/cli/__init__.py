@@ -257,6 +257,10 @@ def _resolve_paths(args: argparse.Namespace, key: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     key = " ".join(k for k in (args.command, getattr(args, "data_command", None), getattr(args, "bench_command", None)) if k)
+    if not getattr(args, "verbose", False):  # libraries' notes about themselves stay off the terminal
+        from re2tal import console
+
+        console.quiet_driver()
     try:
         if getattr(args, "config", None):  # validate before anything starts
             args.cfg = load_config(args.config, args.overrides)

@@ -39,12 +39,9 @@ def _run(args: argparse.Namespace, task: Task, command: str) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from re2tal import console as quiet
     from re2tal.training.driver import TrainingStopped, fit
 
     cfg: Config = args.cfg
-    if not args.verbose:
-        quiet.quiet_driver()
     try:
         metrics = fit(cfg, task, local=args.local, verbose=args.verbose)
     except TrainingStopped as err:
@@ -89,14 +86,11 @@ def tune(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from re2tal import console as quiet
     from re2tal.tuning import sweep
     from re2tal.tuning.space import swept_keys
     from re2tal.tuning.summary import fmt
 
     cfg: Config = args.cfg
-    if not args.verbose:
-        quiet.quiet_driver()
     result = sweep(cfg, localization(cfg), verbose=args.verbose)
     # A case's keys are said by its name; the CSV on the parent run has them all.
     case_keys = set(swept_keys(cfg.tune)) - set(cfg.tune.space)
