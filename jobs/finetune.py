@@ -4,6 +4,9 @@
 
 Re-submitting with the same train.name resumes from its last checkpoint; the backbone file is
 written at the end (finetune.output).
+
+Relative local paths (in the config or flags) would point into Ray's temporary copy of the working
+directory: add `--base-dir $PWD` on a one-machine cluster, or use absolute / s3:// paths.
 """
 
 import sys

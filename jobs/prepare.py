@@ -3,6 +3,9 @@
     ray job submit --working-dir . -- python jobs/prepare.py --annotations s3://B/anet/annotations.json --out s3://B/anet/prepared
 
 Re-submitting does only the videos not prepared yet.
+
+Relative local paths (in the config or flags) would point into Ray's temporary copy of the working
+directory: add `--base-dir $PWD` on a one-machine cluster, or use absolute / s3:// paths.
 """
 
 import sys

@@ -63,6 +63,18 @@ def clip_annotations(url: str) -> bool:
 # data, storage, augmentation
 
 
+def _pair(lo_min: float, hi_max: float):
+    def check(v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
+        lo, hi = v
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise ValueError(f"needs {lo_min} <= low <= high <= {hi_max}, got {list(v)}")
+        return v
+
+    return check
+
+
 class SynthConfig(Section):
     """A synthetic TAL dataset (`re2tal data synth`), generated at `data.annotations`' location
     when that file does not exist yet. The embedded default dataset of the debug mode."""
@@ -101,6 +113,9 @@ class DataConfig(Section):
     frame_interval: PositiveInt = Field(1, description="sliding: take every k-th frame of the video.")
     window_stride: PositiveInt | None = Field(None, description="sliding: sampled frames between the starts of consecutive evaluation windows. Default: num_frames // 2 (50% overlap).")
     random_truncate: bool = Field(True, description="sliding, training: pick a random window of each video instead of the first.")
+    truncate_threshold: float | None = Field(None, gt=0.0, le=1.0, description="sliding, training with random_truncate: OpenTAD's random_trunc rule: window starts (whole samples) drawn uniformly, up to 200, until the window holds at least this fraction of some annotated segment; only segments with this fraction inside are the clip's targets. None: a random window overlapping a randomly chosen segment, every overlapping segment a target.")
+    truncate_crop_ratio: tuple[float, float] | None = Field(None, description="With truncate_threshold: a video not longer than a window is cut to a random length in [low, high] x its length (OpenTAD's crop_ratio), the rest of the window padding. None: taken whole.")
+    last_window: Literal["padded", "end_aligned"] = Field("padded", description="sliding, evaluation: the last window runs past the video's end with padding, or is moved back to end at its last sample (OpenTAD's).")
     frame_size: PositiveInt = Field(224, description="Side of the square crop fed to the backbone (pixels).")
     short_side: PositiveInt | None = Field(None, description="Frames are resized so their short side is this before cropping. Default: frame_size.")
     batch_size: PositiveInt = Field(1, description="Clips per worker per step.")
@@ -109,9 +124,14 @@ class DataConfig(Section):
     prefetch_videos: NonNegativeInt = Field(2, description="Videos fetched from storage ahead of those being decoded, per worker (also the number of fetching threads, at least 1).")
     max_bad_videos: NonNegativeInt = Field(10, description="Corrupt / missing / unreadable videos skipped (and logged with id and URL) per worker and epoch before the run fails.")
     decode_timeout_s: PositiveFloat = Field(300.0, description="A video whose next clip takes longer than this to decode is skipped as bad.")
+    ignore_labels: list[str] = Field(default_factory=list, description="Annotated segments with these labels are left out everywhere (no class, no target, no ground truth), e.g. THUMOS-14's `Ambiguous`, which OpenTAD skips.")
+    min_segment_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Training targets: segments of train_subset videos shorter than this fraction of their video are left out (OpenTAD's ActivityNet filter_gt: 0.01).")
+    blocked_videos: str | None = Field(None, description="URL of a JSON list of video ids (or a text file, one id a line) left out of every subset, e.g. OpenTAD's ActivityNet `blocked.json` (validation videos no longer on YouTube).")
     synth: SynthConfig | None = Field(None, description="Generate a synthetic dataset at `annotations`' location if it does not exist.")
+    features: str | None = Field(None, description="URL of pre-extracted features (`re2tal extract`'s output: `<features>/<video_id>.npy` of shape (clips, channels) and `<features>/features.json`): `re2tal train` then trains the localization head on them (no backbone, no decoding; `sampling`, `num_frames`, `frame_interval` and `window_stride` give the windows in seconds as for frames). Default: train end to end from the videos.")
 
-    _urls = field_validator("annotations", "video_root")(check_url)
+    _urls = field_validator("annotations", "video_root", "blocked_videos", "features")(check_url)
+    _crop = field_validator("truncate_crop_ratio")(_pair(1e-3, 1.0))
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +149,8 @@ class DataConfig(Section):
     def _sizes(self) -> "DataConfig":
         if self.short_side is not None and self.short_side < self.frame_size:
             raise ValueError(f"short_side: {self.short_side} is smaller than frame_size={self.frame_size}; frames cannot be cropped to that size")
+        if self.truncate_crop_ratio is not None and self.truncate_threshold is None:
+            raise ValueError("truncate_crop_ratio: applies to OpenTAD's truncation rule; set truncate_threshold too")
         return self
 
 
@@ -156,16 +178,6 @@ class StorageConfig(Section):
         return self
 
 
-def _pair(lo_min: float, hi_max: float):
-    def check(v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (lo_min <= lo <= hi <= hi_max):
-            raise ValueError(f"needs {lo_min} <= low <= high <= {hi_max}, got {list(v)}")
-        return v
-
-    return check
-
-
 class AugmentConfig(Section):
     """Training-time clip augmentations (one random draw per clip, applied to all its frames).
     The five of Re²TAL's ablation; each is a toggle. Evaluation uses resize + center crop.
@@ -179,11 +191,16 @@ class AugmentConfig(Section):
     temporal_jitter: bool = Field(True, description="Shift each sampled frame index randomly within its sampling interval.")
     rotation: bool = Field(False, description="Random rotation.")
     rotation_degrees: NonNegativeFloat = Field(10.0, description="Maximum rotation angle.")
+    rand_augment: bool = Field(False, description="RandAugment as mmaction's ImgAug(transforms='default') that OpenTAD's end-to-end configs use: rand_augment_ops of its 15 image ops (shear, translate, rotate, posterize, solarize, colour, contrast, brightness, sharpness, autocontrast, equalize, invert, cutout), distinct, in that order, at rand_augment_magnitude.")
+    rand_augment_ops: PositiveInt = Field(2, le=15, description="RandAugment: ops applied per clip.")
+    rand_augment_magnitude: float = Field(0.9, ge=0.0, le=1.0, description="RandAugment: strength as a fraction of each op's maximum (mmaction's 9 / 10).")
     color_jitter: bool = Field(False, description="Random brightness / contrast / saturation / hue.")
     brightness: NonNegativeFloat = Field(0.4, description="Color jitter brightness strength.")
     contrast: NonNegativeFloat = Field(0.4, description="Color jitter contrast strength.")
     saturation: NonNegativeFloat = Field(0.4, description="Color jitter saturation strength.")
     hue: float = Field(0.1, ge=0.0, le=0.5, description="Color jitter hue strength (<= 0.5).")
+
+    eval_resize: bool = Field(False, description="Evaluation: resize frames so their short side is data.frame_size before the centre crop, which then spans the whole short side (OpenTAD's Resize(-1, 224) + CenterCrop(224)); false: a centre crop of the decoded frames (short side data.short_side).")
 
     _scale = field_validator("crop_scale")(_pair(1e-3, 1.0))
     _ratio = field_validator("crop_ratio")(_pair(1e-2, 100.0))
@@ -319,15 +336,16 @@ class BackboneConfig(Section):
 
 
 class NmsConfig(Section):
-    """Post-processing: segment decoding and Soft-NMS."""
+    """Post-processing, as OpenTAD's: candidates per clip, one Soft-NMS per video (+ boundary voting)."""
 
-    pre_nms_topk: PositiveInt = Field(2000, description="Candidates (point, class) of highest score kept per clip, over all levels, before NMS.")
-    pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Candidates below this score are dropped before NMS.")
-    sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma).")
-    min_score: NonNegativeFloat = Field(0.001, description="Segments below this score after NMS are dropped.")
+    pre_nms_topk: PositiveInt = Field(2000, description="Multi-class heads: candidates (point, class) of highest score kept per clip, over all levels. A class-agnostic head's candidates are all its real points (OpenTAD).")
+    pre_nms_threshold: NonNegativeFloat = Field(0.001, description="Multi-class heads: candidates not scoring above this are dropped before NMS.")
+    sigma: PositiveFloat = Field(0.75, description="Gaussian Soft-NMS sigma: a segment overlapping a kept one by tIoU u has its score multiplied by exp(-u^2 / sigma) (tIoU with 1e-6 added to each length, as OpenTAD's).")
+    min_score: NonNegativeFloat = Field(0.001, description="Segments whose score falls below this during Soft-NMS are dropped.")
     min_length: NonNegativeFloat = Field(0.001, description="Decoded segments not longer than this (in grid steps) are dropped before NMS.")
-    max_segments: PositiveInt = Field(100, description="Segments kept per video.")
-    class_agnostic: bool = Field(False, description="Run NMS over all classes together instead of per class (also when merging sliding windows).")
+    max_segments: PositiveInt = Field(100, description="Segments kept per video (and per class before that, with per-class NMS).")
+    class_agnostic: bool = Field(False, description="One Soft-NMS over all classes instead of one per class.")
+    voting_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Boundary voting (OpenTAD's seg_voting): each kept segment becomes the score-weighted mean of the video's candidates overlapping it by tIoU >= this. Applied only with class_agnostic NMS (OpenTAD skips it per class). 0: off.")
     external_scores: str | None = Field(None, description="URL of video-level class scores JSON ({video: {label: score}}) fused as score * class score (needs head.num_classes=1).")
     topk_classes: PositiveInt = Field(2, description="With external_scores: each segment is repeated for this many top-scoring classes of its video.")
 
@@ -344,6 +362,7 @@ class HeadConfig(Section):
     abs_position: bool = Field(True, description="Add a sinusoidal position encoding after the projection (the grid has a fixed length).")
     stem_layers: NonNegativeInt = Field(2, description="Transformer layers at full resolution.")
     fpn_levels: PositiveInt = Field(6, description="Pyramid levels (each halves the temporal length).")
+    encoder: Literal["plain", "actionformer"] = Field("plain", description="Transformer blocks of the neck: `plain` pre-norm blocks (linear q / k / v, levels max-pooled between blocks), or `actionformer`, ActionFormer's own (OpenTAD's TransformerBlock + MaskedMHCA: depth-wise conv + LayerNorm before each of q / k / v, strided in the downsampling blocks; LayerScale 1e-4 on both branches when drop_path > 0; position encoding / sqrt(embed_dim)).")
     attn_window: int = Field(7, description="Local self-attention window (odd; -1: global).")
     num_attn_heads: PositiveInt = Field(4, description="Attention heads in the encoder.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in the encoder.")
@@ -406,6 +425,30 @@ class FinetuneConfig(Section):
     _urls = field_validator("output")(check_url)
 
 
+class InferenceConfig(Section):
+    """`re2tal predict` / `extract` / `eval`: the Ray Data job's model actors. Decoding runs in
+    read tasks, one CPU each, on whatever CPUs the actors leave free."""
+
+    actors: PositiveInt | None = Field(None, description="Model actors (`map_batches` actor pool). Default: one per GPU of the cluster with use_gpu, else 1.")
+    use_gpu: bool = Field(False, description="One GPU per actor; false: the actors run on CPUs (cpus_per_actor each).")
+    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs reserved per actor; a CPU actor runs torch on that many threads (at least 1).")
+    batch_size: PositiveInt | None = Field(None, description="Clips per model call. Default: predict / eval data.batch_size (a clip is a window of data.num_frames), extract 32 (a clip is extract.clip_frames).")
+
+
+class ExtractConfig(Section):
+    """`re2tal extract`: clips of every video through the backbone, pooled to one feature vector
+    per clip. Clip k holds the frames k * clip_stride + j * frame_interval (j < clip_frames) of the
+    video's frame grid (its own frames, or frames resampled at `fps`); only whole clips (a video
+    shorter than one clip gives one, its last frame repeated). Frames are decoded at
+    data.short_side and centre-cropped to data.frame_size, as in evaluation. TAdaConv's
+    localization features: clip_frames 8, clip_stride 16, data.short_side 128."""
+
+    clip_frames: PositiveInt = Field(8, description="Frames per clip.")
+    clip_stride: PositiveInt = Field(16, description="Frames of the grid between the starts of consecutive clips (the feature stride).")
+    frame_interval: PositiveInt = Field(1, description="Frames of the grid between consecutive frames of a clip.")
+    fps: PositiveFloat | None = Field(None, description="Resample every video to this frame rate first (frame m of the grid is the frame on screen at (m + 0.5) / fps), so that a clip spans the same time in every video. None: the video's own frames.")
+
+
 # --------------------------------------------------------------------------------------------
 # optimisation, distributed training
 
@@ -418,9 +461,12 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum.")
     backbone_lr: NonNegativeFloat = Field(1e-5, description="Learning rate of the backbone parameters.")
     head_lr: PositiveFloat = Field(1e-4, description="Learning rate of the neck / head parameters.")
-    weight_decay: NonNegativeFloat = Field(0.05, description="AdamW weight decay (not applied to norms and biases).")
+    weight_decay: NonNegativeFloat = Field(0.05, description="AdamW weight decay (not applied to norms, biases and position-bias tables, unless backbone_decay_all).")
+    backbone_decay_all: bool = Field(False, description="Apply weight_decay to every backbone parameter, norms, biases and position tables included (OpenTAD's backbone group).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_epochs: NonNegativeFloat = Field(5.0, description="Linear warmup length in epochs.")
+    warmup_from_zero: bool = Field(False, description="Warm up as OpenTAD's LinearWarmupCosineAnnealingLR: step s of W warmup steps at s / (W - 1) of the peak lr (the first step at 0). False: (s + 1) / W.")
+    cosine_epochs: PositiveFloat | None = Field(None, description="Length of the warmup + cosine schedule in epochs, which may exceed train.epochs (OpenTAD's max_epoch; its THUMOS runs decay over 1500 epochs and stop at 120). Default: train.epochs.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine schedule floor as a fraction of the peak lr.")
     ema: bool = Field(False, description="Keep an exponential moving average of the weights for evaluation.")
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
@@ -446,7 +492,9 @@ class TrainConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker.")
     eval_every_epochs: PositiveInt = Field(1, description="Evaluate on the validation subset every k epochs (and after the last).")
-    report_every_steps: PositiveInt = Field(10, description="Report training metrics every k optimizer steps.")
+    report_every_steps: PositiveInt = Field(10, description="Log training metrics (losses averaged over the k steps, learning "
+                                            "rates, clips/s, peak memory) to MLflow every k optimizer steps, in the background. "
+                                            "Ray Train (and Tune) get a report only at evaluations and checkpoints.")
     seed: int = Field(0, description="Seed of model init, sampling and augmentation.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     keep_checkpoints: PositiveInt = Field(2, description="Checkpoints kept in storage_path.")
@@ -589,6 +637,13 @@ class TrackingConfig(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///file.db or http(s)://server).")
     experiment: str = Field("re2tal", description="MLflow experiment name.")
     timeline_videos: NonNegativeInt = Field(4, description="Validation videos drawn in the detection timeline plot.")
+    system_metrics: bool = Field(True, description="Log MLflow's system metrics (`system/...`: CPU, memory, disk, network; GPU utilisation and memory where a GPU and pynvml are present) of every node of a training run, sampled by its first worker.")
+    system_metrics_interval_s: PositiveFloat = Field(10.0, description="Seconds between system-metric samples.")
+    register_model: str | None = Field(None, description="Register the model a finished run logs (MLflow model `model` of the run) as a new version of this registered model. Default: logged, not registered.")
+    retry_s: NonNegativeFloat = Field(600.0, description="How long records the tracking server did not take (down, restarting, "
+                                      "unreachable) are retried at the end of a run before it ends without them. Training never "
+                                      "waits for the server: records are sent in the background and retried every few seconds; "
+                                      "metrics still unsent at a checkpoint are kept in it and sent by a resumed run.")
 
     @field_validator("tracking_uri")
     @classmethod
@@ -617,6 +672,8 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -36,8 +36,10 @@ DRIVER_LEVELS = {
     "ray.tune": logging.CRITICAL,  # trial tables, tracebacks and timing notes: re2tal prints one line per trial instead
     "ray.train": logging.WARNING,
     "alembic": logging.WARNING,
+    "mlflow": logging.WARNING,  # "Creating initial MLflow database tables" when a command opens a new sqlite store
     "DeepSpeed": logging.WARNING,
     "torch.utils.cpp_extension": logging.ERROR,
+    "mlflow.pyfunc": logging.ERROR,  # "a Python object as python_model is serialized using CloudPickle" when the model is logged
 }
 
 
@@ -51,6 +53,7 @@ def quiet_driver() -> None:
     for name, level in DRIVER_LEVELS.items():
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of the logged model
 
 
 def keep_worker_lines(data: dict) -> dict:

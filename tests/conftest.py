@@ -7,6 +7,8 @@
 - `make_video(path, frames, fps, ...)`: writes an h264 mp4 with PyAV whose frame k shows k in
   its pixel values; `frame_number(image)` reads it back (robust to resizing and compression).
 - `Proxy`: a TCP proxy on loopback that can throttle, cut connections mid-response or stall.
+- `tiny_config(base, tmp_path, annotations, name, **overrides)`: a test's tiny config tree made a
+  validated Config, with its checkpoints and MLflow store under tmp_path.
 """
 
 from __future__ import annotations
@@ -26,12 +28,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from re2tal.config import StorageConfig
+from re2tal.config import Config, StorageConfig, validate
 
 # Every Ray in these tests runs with token authentication, as users' clusters should: Ray 2.60
 # turns it on for a local ray.init() anyway, but a cluster started otherwise (ray start, the
 # multi-node tests' raylets) and the processes that connect to it must all be told.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+
+def tiny_config(base: dict[str, dict], tmp_path: Path, annotations: str, name: str, **overrides: Any) -> Config:
+    """`base` (a config tree of a test module's tiny setup) reading `annotations`, run `name`,
+    checkpoints in tmp_path/runs and MLflow in tmp_path/mlflow.db, then the dotted overrides."""
+    tree = {section: dict(values) for section, values in base.items()}
+    tree["data"]["annotations"] = annotations
+    tree["train"] = tree.get("train", {}) | {"name": name, "storage_path": str(tmp_path / "runs")}
+    tree["tracking"] = tree.get("tracking", {}) | {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return validate(tree).with_overrides(overrides)
+
 
 # --------------------------------------------------------------------------------------------
 # S3 on loopback

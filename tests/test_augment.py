@@ -141,3 +141,55 @@ def test_rejects_non_uint8_or_wrong_layout():
         augment(clips().float())
     with pytest.raises(ValueError, match="uint8"):
         augment(clips().permute(0, 1, 4, 2, 3))
+
+
+def test_rand_augment_applies_one_draw_to_every_frame_and_varies_by_clip():
+    x = clips(b=1, n=1, h=40, w=48).expand(1, 4, 40, 48, 3).contiguous()
+    cfg = NONE.model_copy(update={"rand_augment": True})
+    plain = augment(x, cfg=NONE.model_copy(update={"random_resized_crop": False}))
+    outs = [augment(x, cfg=cfg, seed=seed) for seed in range(8)]
+    for out in outs:
+        assert torch.equal(out, out[:, :, :1].expand_as(out))  # the same ops and signs on every frame
+        assert not torch.allclose(out, plain, atol=1e-3)
+    assert len({round(o.sum().item(), 2) for o in outs}) == len(outs)  # other ops / signs per draw
+    assert torch.equal(augment(x, cfg=cfg, seed=3), outs[3])
+
+
+def test_rand_augment_op_is_one_of_mmactions_fifteen():
+    """One op per draw (ops=1): every result is one of the 15 at magnitude 0.9 (either sign), and
+    over 80 draws invert and the 128-grey cutout both occur."""
+    from torchvision.transforms import InterpolationMode
+
+    from re2tal.data.augment import _rand_augment
+
+    x = clips(b=1, n=2, h=20, w=30)[0].permute(0, 3, 1, 2).contiguous()
+    bil = InterpolationMode.BILINEAR
+    known = {"invert": F.invert(x), "equalize": F.equalize(x), "autocontrast": F.autocontrast(x), "posterize": F.posterize(x, 3),
+             "solarize": F.solarize(x, 230.4), "colour": F.adjust_saturation(x, 1.72), "contrast": F.adjust_contrast(x, 1.72),
+             "brightness": F.adjust_brightness(x, 1.72), "sharpness": F.adjust_sharpness(x, 1.72)}
+    for sgn in (1, -1):
+        known[f"shear_x{sgn}"] = F.affine(x, 0.0, [0, 0], 1.0, [17.19 * 0.9 * sgn, 0.0], interpolation=bil)
+        known[f"shear_y{sgn}"] = F.affine(x, 0.0, [0, 0], 1.0, [0.0, 17.19 * 0.9 * sgn], interpolation=bil)
+        known[f"translate_x{sgn}"] = F.affine(x, 0.0, [round(0.18 * 30) * sgn, 0], 1.0, [0.0, 0.0])
+        known[f"translate_y{sgn}"] = F.affine(x, 0.0, [0, round(0.18 * 20) * sgn], 1.0, [0.0, 0.0])
+        known[f"rotate{sgn}"] = F.rotate(x, 27.0 * sgn, interpolation=bil)
+    seen = set()
+    for seed in range(80):
+        out = _rand_augment(x, 1, 0.9, torch.Generator().manual_seed(seed))
+        names = [k for k, v in known.items() if torch.equal(out, v)]
+        changed = out != x
+        if not names and changed.any():  # cutout: a 4x4 square (0.18 of 20) of 128, the rest untouched
+            assert (out[changed] == 128).all() and changed.any(dim=1).sum().item() <= 2 * 4 * 4
+            names = ["cutout"]
+        assert names, f"draw {seed} is none of the 15 ops"
+        seen.update(names)
+    assert {"invert", "cutout"} <= seen and len(seen) >= 10
+
+
+def test_evaluation_resize_keeps_the_whole_short_side():
+    x = clips(b=1, n=2, h=40, w=60)
+    cfg = NONE.model_copy(update={"eval_resize": True})
+    frames = x[0].permute(0, 3, 1, 2)
+    want = F.center_crop(F.resize(frames, [32], antialias=True), [32, 32]).permute(0, 2, 3, 1)[None]
+    torch.testing.assert_close(augment(x, cfg=cfg, training=False), normalised(want))
+    assert not torch.allclose(augment(x, cfg=NONE, training=False), normalised(want), atol=1e-3)

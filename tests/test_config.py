@@ -112,6 +112,15 @@ BAD = [
     ({"tune": {"space": {"deepspeed.zero_stage": {"choice": [2, 7]}}}}, "tune.space.deepspeed.zero_stage"),
     ({"tune": {"space": {"optim.head_lr": {"uniform": [0.1, 0.2], "choice": [1]}}}}, "tune.space.optim.head_lr"),
     ({"data": {"synth": {"classes": 3}}}, "head.num_classes"),  # 200 head classes vs 3 drawn
+    ({"data": {"truncate_crop_ratio": [0.9, 1.0]}}, "data.truncate_crop_ratio"),  # without truncate_threshold
+    ({"data": {"truncate_threshold": 1.5}}, "data.truncate_threshold"),
+    ({"data": {"truncate_threshold": 0.5, "truncate_crop_ratio": [1.0, 0.9]}}, "data.truncate_crop_ratio"),
+    ({"data": {"last_window": "middle"}}, "data.last_window"),
+    ({"data": {"min_segment_fraction": 1.0}}, "data.min_segment_fraction"),
+    ({"data": {"blocked_videos": "ftp://host/blocked.json"}}, "data.blocked_videos"),
+    ({"head": {"nms": {"voting_threshold": 1.5}}}, "head.nms.voting_threshold"),
+    ({"head": {"encoder": "bert"}}, "head.encoder"),
+    ({"augment": {"rand_augment_ops": 20}}, "augment.rand_augment_ops"),
 ]
 
 
@@ -168,3 +177,39 @@ def test_readme_config_reference_is_generated_from_schema():
     assert reference_markdown() in readme, "README's config reference is stale: paste re2tal.config.reference_markdown()"
     for name in Config.model_fields:
         assert f"**{name}**" in readme
+
+
+# OpenTAD's configs/re2tal/e2e_*.py (commit 3dd7b03) with their _base_ files, the values that differ
+# between the eight runs (the README's table has every key)
+OPENTAD = {
+    "anet": {"data.batch_size": 8, "train.num_workers": 4, "data.num_frames": 768, "head.seq_len": 192, "head.embed_dim": 256,
+             "head.abs_position": True, "head.label_smoothing": 0.1, "head.reg_loss_weight": 2.0, "head.init_loss_norm": 200,
+             "head.nms.max_segments": 100, "head.nms.class_agnostic": True, "head.nms.voting_threshold": 0.9,
+             "head.nms.topk_classes": 2, "optim.head_lr": 1e-3, "train.epochs": 15, "data.min_segment_fraction": 0.01},
+    "thumos": {"data.batch_size": 2, "train.num_workers": 2, "data.num_frames": 1024, "data.frame_interval": 2, "data.window_stride": 512,
+               "data.truncate_threshold": 0.75, "data.truncate_crop_ratio": [0.9, 1.0], "data.last_window": "end_aligned",
+               "head.seq_len": 512, "head.embed_dim": 512, "head.abs_position": False, "head.label_smoothing": 0.0,
+               "head.reg_loss_weight": 1.0, "head.init_loss_norm": 100, "head.nms.max_segments": 2000,
+               "head.nms.class_agnostic": False, "head.nms.voting_threshold": 0.7, "optim.head_lr": 1e-4, "train.epochs": 120},
+    "both": {"head.encoder": "actionformer", "head.attn_window": -1, "head.fpn_levels": 6, "head.drop_path": 0.1, "head.nms.sigma": 0.7,
+             "head.nms.min_score": 0.001, "optim.backbone_lr": 1e-5, "optim.weight_decay": 0.05, "optim.warmup_epochs": 5,
+             "optim.ema": True, "deepspeed.gradient_clipping": 1.0, "augment.crop_scale": [0.08, 1.0], "augment.temporal_jitter": False,
+             "augment.rand_augment": True, "augment.rotation": False, "augment.brightness": 0.5, "augment.eval_resize": True,
+             "data.short_side": 256, "data.frame_size": 224, "backbone.norm_eval": True,
+             "backbone.pixel_mean": [0.485, 0.456, 0.406]},
+}
+PAPER = [f"{d}_{b}" for d in ("anet", "thumos") for b in ("swin_t", "re2swin_t", "slowfast_r101", "re2slowfast_r101")]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_carry_opentads_settings(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml").flat()
+    want = {**OPENTAD["both"], **OPENTAD[name.split("_")[0]]}
+    re2 = "re2" in name
+    want |= {"backbone.reversible": re2, "backbone.activation_checkpointing": not re2}
+    if "swin" in name:
+        want["backbone.drop_path"] = 0.2 if re2 else 0.1  # drop_path_rate
+    got = {k: cfg[k] for k in want}
+    assert got == want
+    pretrained = cfg["backbone.pretrained"]
+    assert ("_k400_ft_e30.pth" in pretrained) == re2 and (pretrained.startswith("https://download.openmmlab.com/") == (not re2))

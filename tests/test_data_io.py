@@ -352,6 +352,28 @@ def test_annotations_resolve_urls_labels_and_subsets(tmp_path):
     assert load_annotations(rooted.data, rooted.storage).videos[0].url == "s3://bucket/videos/a.mkv"
 
 
+def test_annotations_drop_repeats_empty_ignored_short_and_blocked(tmp_path):
+    """OpenTAD's rules: remove_duplicate_annotations (evaluations/builder.py:11-29), THUMOS's
+    Ambiguous skipped (datasets/thumos.py:13), ActivityNet's filter_gt on training videos
+    (datasets/anet.py:9-18, 1% of the duration) and blocked videos."""
+    segs = [{"segment": [1, 3], "label": "run"}, {"segment": [1.0005, 2.9995], "label": "run"}, {"segment": [1, 3], "label": "jump"},
+            {"segment": [4, 4], "label": "run"}, {"segment": [5, 6], "label": "Ambiguous"}, {"segment": [7, 7.5], "label": "run"}]
+    tree = {"database": {"t": {"subset": "training", "duration": 100.0, "annotations": segs},
+                         "v": {"subset": "validation", "duration": 100.0, "annotations": segs},
+                         "gone": {"subset": "validation", "duration": 9.0, "annotations": segs}}}
+    cfg = config(write_json(tmp_path / "ann.json", tree), ignore_labels=["Ambiguous"], min_segment_fraction=0.01,
+                 blocked_videos=write_json(tmp_path / "blocked.json", ["gone"]))
+    ann = load_annotations(cfg.data, cfg.storage)
+    assert ann.labels == ["jump", "run"] and [v.id for v in ann.videos] == ["t", "v"]
+    t, v = ann.videos
+    np.testing.assert_array_equal(v.segments, [[1, 3], [1, 3], [7, 7.5]])
+    assert v.labels.tolist() == [1, 0, 1]
+    np.testing.assert_array_equal(t.segments, [[1, 3], [1, 3]])  # 0.5 s is not over 1% of 100 s
+    (tmp_path / "blocked.txt").write_text("gone\nv\n")
+    assert [v.id for v in load_annotations(cfg.with_overrides({"data.blocked_videos": str(tmp_path / "blocked.txt")}).data,
+                                            cfg.storage).videos] == ["t"]
+
+
 def test_annotations_read_from_s3(s3):
     url = s3.put_bytes(json.dumps(GOOD).encode(), "meta/anet.json")
     cfg = config(url).with_overrides(s3.overrides())

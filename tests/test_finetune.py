@@ -8,6 +8,7 @@ run.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from re2tal.config import Config, StorageConfig, SynthConfig, validate
 from re2tal.errors import BadInput
 
@@ -31,20 +33,15 @@ TINY = {
     "head": {"num_classes": 3},  # 2 actions + background
     "finetune": {"dropout": 0.0},
     "optim": {"backbone_lr": 1e-3, "head_lr": 1e-3, "weight_decay": 0.02, "warmup_epochs": 0},
-    # Ray Train takes up to 2 s to register a report: one about every epoch (7 steps), evaluations at the ends only
-    "train": {"epochs": 4, "num_workers": 2, "report_every_steps": 7, "eval_every_epochs": 100},
+    # evaluations at the ends only (each Ray Train report waits for its controller's 2 s poll)
+    "train": {"epochs": 4, "num_workers": 2, "report_every_steps": 1, "eval_every_epochs": 100},
     "deepspeed": {"zero_stage": 2, "precision": "fp32"},
     "tracking": {"experiment": "re2tal-tests"},
 }
 FIRST_EPOCHS, EPOCHS = 4, 8
 
 
-def tiny_config(tmp_path: Path, annotations: str, name: str, **overrides) -> Config:
-    tree = {section: dict(values) for section, values in TINY.items()}
-    tree["data"]["annotations"] = annotations
-    tree["train"] |= {"name": name, "storage_path": str(tmp_path / "runs")}
-    tree["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return validate(tree).with_overrides(overrides)
+tiny_config = functools.partial(conftest.tiny_config, TINY)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +62,16 @@ def finetuned(clip_set, tmp_path_factory):
     """4 epochs, then the same run with 8 epochs (resumed): (first, second metrics, config)."""
     import ray
 
-    from re2tal.training.finetune import finetune
+    from re2tal.tasks.finetune import Finetune
+    from re2tal.training.driver import fit
 
     tmp = tmp_path_factory.mktemp("finetune")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}})
     try:
-        first = finetune(tiny_config(tmp, str(clip_set / "clips.csv"), "ft", **{"train.epochs": FIRST_EPOCHS}), show_progress=False)
+        first = fit(tiny_config(tmp, str(clip_set / "clips.csv"), "ft", **{"train.epochs": FIRST_EPOCHS}), Finetune(), show_progress=False)
         cfg = tiny_config(tmp, str(clip_set / "clips.csv"), "ft", **{"train.epochs": EPOCHS})
-        second = finetune(cfg, show_progress=False)
+        second = fit(cfg, Finetune(), show_progress=False)
     finally:
         ray.shutdown()
     return first, second, cfg
@@ -124,8 +122,9 @@ def test_rerunning_the_same_name_resumes_the_finetuning(finetuned):
 
 def test_the_backbone_file_loads_as_pretrained_and_trains_a_localization_run(finetuned, clip_set, tmp_path):
     from re2tal.backbones import build_backbone
-    from re2tal.training.finetune import Classifier, classifier_prefix
-    from re2tal.training.trainer import fit
+    from re2tal.tasks.finetune import Classifier, build_classifier, classifier_prefix
+    from re2tal.tasks.localization import Localization
+    from re2tal.training.driver import fit
 
     _, second, cfg = finetuned
     file = second["backbone_file"]
@@ -135,9 +134,10 @@ def test_the_backbone_file_loads_as_pretrained_and_trains_a_localization_run(fin
     state = backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items() if k in state)
     assert set(saved["state_dict"]) - set(state) == {f"{classifier_prefix(backbone)}.{t}" for t in ("weight", "bias")}
+    # fine-tuned in Re² form, it computes what it learned only rewired, as the authors' Re² files
+    with pytest.raises(BadInput, match=r"holds a Re² \(reversible\) model, .*set backbone.reversible: true"):
+        build_backbone(cfg.backbone.model_copy(update={"pretrained": file, "reversible": False}))
     # the file's classifier comes back too (finetune.load_classifier): a rerun scores as the run ended
-    from re2tal.training.finetune import build_classifier
-
     model = build_classifier(cfg.with_overrides({"backbone.pretrained": file}))
     assert isinstance(model, Classifier) and torch.equal(model.head.fc.weight, saved["state_dict"][f"{classifier_prefix(backbone)}.weight"])
 
@@ -150,8 +150,40 @@ def test_the_backbone_file_loads_as_pretrained_and_trains_a_localization_run(fin
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "tracking": {"enabled": False},
     }
-    metrics = fit(validate(tree), local=True, show_progress=False)
+    metrics = fit(validate(tree), Localization(), local=True, show_progress=False)
     assert metrics["step"] >= 1 and math.isfinite(metrics["average_mAP"])
+
+
+def test_each_finished_launch_logs_the_classifier_as_the_runs_model_which_classifies_videos(finetuned, clip_set, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from re2tal.data.clips import load_clips
+    from re2tal.tasks.finetune import build_classifier
+    from re2tal.tasks.mlmodel import load_model
+    from re2tal.tracking import resolve_uri
+    from re2tal.training.checkpoints import load_weights, local_checkpoint
+
+    first, second, cfg = finetuned
+    uri = resolve_uri(cfg.tracking.tracking_uri)
+    run = MlflowClient(uri).get_run(second["mlflow_run_id"])
+    assert sorted(o.step for o in run.outputs.model_outputs) == [first["step"], second["step"]]  # the resumed run's too
+
+    _, network, labels = load_model(second["model_uri"], tracking_uri=uri)
+    assert labels == load_clips(cfg.data, cfg.storage).labels
+    trained = build_classifier(cfg)
+    with local_checkpoint(second["checkpoint"], cfg.storage) as path:
+        load_weights(trained, path)
+    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), trained.state_dict().values()))
+
+    from re2tal.tasks import predict
+
+    with pytest.raises(BadInput, match="is not a localization model"):  # re2tal predict --model
+        predict.load_model(second["model_uri"], None, {"tracking.tracking_uri": uri}, cfg.storage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    [answer] = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict([str(sorted(clip_set.glob("*.mp4"))[0])])
+    assert sorted(c["label"] for c in answer["classes"]) == sorted(labels)  # top-3 of 3 classes
+    assert sum(c["score"] for c in answer["classes"]) == pytest.approx(1.0, abs=1e-5)
 
 
 # -- clip annotations (no Ray) ----------------------------------------------------------------
@@ -226,7 +258,7 @@ def test_the_backbone_file_of_every_family_loads_with_its_classifier_dropped(nam
     from re2tal.backbones import build_backbone
     from re2tal.backbones.slowfast import SlowFast
     from re2tal.config import BackboneConfig
-    from re2tal.training.finetune import Classifier, backbone_file_state, build_classifier
+    from re2tal.tasks.finetune import Classifier, backbone_file_state, build_classifier
 
     sizes = {"depths": [1, 1, 1, 1]} | ({"embed_dim": 8, "num_heads": [1, 1, 1, 1]} if name in ("swin_t", "pst_t") else {})
     cfg = BackboneConfig(name=name, reversible=True, **sizes)

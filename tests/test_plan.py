@@ -19,7 +19,7 @@ from re2tal.bench.model import Runner, SavedTensors, build_model
 from re2tal.config import load_config
 from re2tal.planning.plan import Planner, measure_step, optimizer_groups
 from re2tal.planning.zero_layout import zero_memory
-from re2tal.training.model import build_model as build_localizer
+from re2tal.tasks.localization import build_model as build_localizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -108,7 +108,6 @@ def test_plan_runs_one_mvit_attention_call_of_each_shape_and_counts_what_all_wou
         model = build_backbone(BackboneConfig(name="mvit_v2_s", reversible=True, depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 2, 4, 8]))
     model.train()
     all_chunks = mvit.query_chunks
-    counts = {}
     try:
         mvit.ATTN_CALL_ELEMENTS, saved = 1000, mvit.ATTN_CALL_ELEMENTS  # stage 1: 18 chunks of 58 queries, one of 38
         assert len(mvit.query_chunks(1024, 58, torch.device("meta"))) == 3
@@ -229,7 +228,7 @@ def test_largest_num_frames_fits_and_one_stride_more_does_not():
 def test_plan_command_on_a_paper_config_reports_reversible_below_standard(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run([sys.executable, "-m", "re2tal.cli", "plan", "--config", str(ROOT / "configs" / "anet_re2swin_t.yaml"),
-                           "--gpu-memory-gb", "40", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+                           "--set", "data.batch_size=2", "--gpu-memory-gb", "40", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(out.read_text())
     c, modes = plan["config"], plan["modes"]

@@ -102,7 +102,8 @@ def test_prepared_copies_have_the_size_fps_and_duration_asked_a_corrupt_source_i
 
 def test_the_prepared_annotation_file_trains(ray_cluster, s3, tmp_path):
     from re2tal.raydata.prepare import run
-    from re2tal.training.trainer import fit
+    from re2tal.tasks.localization import Localization
+    from re2tal.training.driver import fit
 
     small = SynthConfig(videos=3, val_videos=1, classes=2, duration_s=6, fps=10, size=64, seed=1)
     summary = run(synthetic_on_s3(s3, "src", small), s3.url("prepared"), SETTINGS, s3.storage, progress=False)
@@ -118,7 +119,7 @@ def test_the_prepared_annotation_file_trains(ray_cluster, s3, tmp_path):
         "tracking": {"enabled": False},
     }
     cfg = validate(tree).with_overrides(s3.overrides())
-    metrics = fit(cfg, local=True, show_progress=False)
+    metrics = fit(cfg, Localization(), local=True, show_progress=False)
     assert metrics["step"] == 2 and 0.0 <= metrics["average_mAP"] <= 1.0  # 2 training videos, batch 1
 
 

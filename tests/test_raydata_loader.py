@@ -95,14 +95,15 @@ def test_bad_videos_are_skipped_within_the_budget_and_a_short_shard_starts_over(
 
 
 def test_two_ray_train_workers_read_their_shards_and_take_equal_micro_batches(ray_local, tmp_path, make_video):
-    from re2tal.training.trainer import fit
+    from re2tal.tasks.localization import Localization
+    from re2tal.training.driver import fit
     from test_training import tiny_config
 
     bad = {"garbage": os.urandom(3000)}
     ann = make_dataset(tmp_path, make_video, videos=7, frames=40, bad=bad)  # 5 good + 1 bad training videos
     cfg = tiny_config(tmp_path, ann, "ray-data", **{"data.loader": "ray_data", "data.max_bad_videos": 1, "train.epochs": 2,
                                                     "head.num_classes": 2})
-    metrics = fit(cfg, show_progress=False)
+    metrics = fit(cfg, Localization(), show_progress=False)
     assert metrics["step"] == 2 * 3 and metrics["epoch"] == 2  # 6 videos / 2 workers: 3 micro-batches each per epoch
     from mlflow.tracking import MlflowClient
 

@@ -302,13 +302,14 @@ def test_augment_ablation_killed_and_resumed_ends_with_six_child_runs_under_one_
 
 @pytest.mark.slow
 def test_grid_of_two_keys_runs_each_pair_once_and_trials_over_the_memory_budget_are_infeasible(ray_address, synth, tmp_path):
+    from re2tal.tasks.localization import Localization
     from re2tal.tuning import sweep
 
     # The wide head (~50M parameters) needs about 1 GB more per worker than the tiny one.
     cfg = sweep_config(tmp_path, synth, "grid", **{
         "tune.space": {"head.embed_dim": {"grid": [16, 1024]}, "augment.hflip": {"grid": [True, False]}},
         "tune.memory_budget_gb": 1.9})
-    result = sweep(cfg)
+    result = sweep(cfg, Localization())
     pairs = sorted((r["head.embed_dim"], r["augment.hflip"]) for r in result.rows)
     assert pairs == [(16, False), (16, True), (1024, False), (1024, True)]
     status = {(r["head.embed_dim"], r["augment.hflip"]): r["status"] for r in result.rows}

@@ -42,7 +42,7 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
     attributes out_channels, temporal_stride, spatial_stride. `storage` configures fsspec for
     an object-storage `cfg.pretrained` URL."""
     # The file is read first: some layouts fix how the model is built (SlowFast.checkpoint_options).
-    state = read_checkpoint(cfg.pretrained, storage) if cfg.pretrained is not None else None
+    state, meta = read_checkpoint(cfg.pretrained, storage) if cfg.pretrained is not None else (None, {})
     # With weights to load, build on the meta device: random init of ~28M parameters costs
     # seconds and every tensor is replaced by the file's anyway.
     with torch.device("meta") if state is not None else contextlib.nullcontext():
@@ -71,7 +71,7 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
     if state is not None:
         load_state(model, state, cfg.pretrained)
-        if type(model).trained_reversible(state) and not cfg.reversible:
+        if (type(model).trained_reversible(state) or written_reversible(meta)) and not cfg.reversible:
             raise BadInput(f"backbone.pretrained: {cfg.pretrained} holds a Re² (reversible) model, which computes what it was "
                            f"trained for only rewired: set backbone.reversible: true")
     if cfg.reversible:
@@ -107,13 +107,19 @@ def load_pretrained(model: Backbone, url: str, storage: StorageConfig | None = N
     URL into `model` (on CPU or the meta device; tensors are replaced by the file's, in the
     model's dtypes): `read_checkpoint` then `load_state`; the names of the modules that keep their
     initialisation."""
-    return load_state(model, read_checkpoint(url, storage), url)
+    return load_state(model, read_checkpoint(url, storage)[0], url)
 
 
-def read_checkpoint(url: str, storage: StorageConfig | None = None) -> dict[str, Tensor]:
-    """The flat state dict of a weight file (path or fsspec URL). A file holding
-    {"model_state" | "state_dict" | "model": state dict, ...} is unwrapped (pytorchvideo's .pyth:
-    model_state; mmaction's: state_dict). BadInput names what is wrong."""
+def written_reversible(meta: dict) -> bool:
+    """Whether a file written by `re2tal finetune` holds a backbone fine-tuned in Re² form."""
+    return bool(meta.get("re2tal", {}).get("backbone", {}).get("reversible"))
+
+
+def read_checkpoint(url: str, storage: StorageConfig | None = None) -> tuple[dict[str, Tensor], dict]:
+    """The flat state dict of a weight file (path or fsspec URL) and its `meta` dict ({} if
+    none). A file holding {"model_state" | "state_dict" | "model": state dict, "meta": ...} is
+    unwrapped (pytorchvideo's .pyth: model_state; mmaction's and re2tal finetune's: state_dict).
+    BadInput names what is wrong."""
     fs, path = filesystem(url, storage or StorageConfig())
     try:
         with fs.open(path, "rb") as f:
@@ -124,11 +130,13 @@ def read_checkpoint(url: str, storage: StorageConfig | None = None) -> dict[str,
         raise BadInput(f"backbone.pretrained: {url} is not a torch state dict ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     except OSError as err:
         raise BadInput(f"backbone.pretrained: cannot read {url} ({err.strerror or err})") from None
+    meta = {}
     if isinstance(state, dict):
+        meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
         state = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise BadInput(f"backbone.pretrained: {url} is not a flat state dict of tensors")
-    return state
+    return state, meta
 
 
 def load_state(model: Backbone, state: dict[str, Tensor], url: str) -> list[str]:

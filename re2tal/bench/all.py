@@ -18,7 +18,9 @@ BENCHMARKS = [
     ("speed_tada2d_r50.json", ["speed", "--backbone", "tada2d_r50", "--frames", "32", "--size", "112"]),
     ("tadaconv.json", ["tadaconv"]),
     ("loader.json", ["loader"]),
+    ("predict.json", ["predict"]),
     ("map.json", ["map"]),
+    ("reports.json", ["reports"]),
 ]
 
 

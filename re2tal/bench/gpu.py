@@ -296,7 +296,8 @@ def plot_memory(runs: list[dict[str, Any]], backbones: list[str], path: Path) ->
 
 def debug_training(out: Path, use_gpu: bool = True, sizes: Sizes = GPU_RUN) -> dict[str, Any]:
     from re2tal.config import load_config
-    from re2tal.training.trainer import fit
+    from re2tal.tasks.localization import Localization
+    from re2tal.training.driver import fit
 
     root = Path(__file__).resolve().parents[2]
     overrides = {
@@ -309,6 +310,6 @@ def debug_training(out: Path, use_gpu: bool = True, sizes: Sizes = GPU_RUN) -> d
     shutil.rmtree(out / "runs" / "bench-gpu-debug", ignore_errors=True)  # a finished run would only be reported again
     cfg = load_config(root / "configs" / "debug.yaml", [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()])
     started = time.perf_counter()
-    metrics = fit(cfg, local=not use_gpu, show_progress=False)  # the dry run in-process: no Ray cluster to start
+    metrics = fit(cfg, Localization(), local=not use_gpu, show_progress=False)  # the dry run in-process: no Ray cluster to start
     keep = ("step", "average_mAP", "peak_memory_gb", "predicted_peak_memory_gb", "clips_per_s")
     return {**{k: metrics.get(k) for k in keep}, "seconds": time.perf_counter() - started}

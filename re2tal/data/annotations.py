@@ -5,9 +5,12 @@
 
 A video's file is its `url` (a relative one is taken under `data.video_root`), else (or with
 `data.use_annotation_urls: false`) `<video_root>/<video_prefix><id>.<video_ext>`; `video_root` defaults to the annotation file's folder. The label
-map is the sorted list of every label in the file (index = class id). Segments reaching past the
+map is the sorted list of every label in the file (index = class id) but `data.ignore_labels`. Segments reaching past the
 video's duration are clipped to it (ActivityNet has many that end a little after the video);
-one starting at or after the end is dropped with a warning. Anything else malformed is a
+one starting at or after the end is dropped with a warning. As OpenTAD / ActionFormer's evaluation
+(`remove_duplicate_annotations`), empty segments and repeats of a segment (same label, both ends
+within 1e-3 s) are dropped; `data.min_segment_fraction` drops short segments of training videos
+(OpenTAD's `filter_gt`), and `data.blocked_videos` whole videos. Anything else malformed is a
 `BadInput` naming the file, the video and the field.
 """
 
@@ -61,6 +64,14 @@ class Annotations:
                 return v
         raise KeyError(video_id)
 
+    def check_subsets(self, data: DataConfig) -> None:
+        """Both subsets a run reads (data.train_subset, data.val_subset) have videos."""
+        for key in ("train_subset", "val_subset"):
+            try:
+                self.subset(getattr(data, key))
+            except BadInput as err:
+                raise BadInput(f"data.{key}: {err}") from None
+
 
 def video_root(data: DataConfig) -> str:
     if data.video_root is not None:
@@ -85,14 +96,16 @@ def load_annotations(data: DataConfig, storage: StorageConfig) -> Annotations:
     database = tree.get("database") if isinstance(tree, dict) else None
     if not isinstance(database, dict):
         raise BadInput(f'{url}: expected {{"database": {{video_id: {{...}}}}}} (ActivityNet format)')
+    blocked = blocked_videos(data.blocked_videos, storage) if data.blocked_videos else set()
     entries = []
     for vid, entry in database.items():
         where = f"{url}: video {vid!r}"
         if not isinstance(entry, dict):
             raise BadInput(f"{where}: expected an object with subset, duration and annotations")
-        entries.append((vid, entry, where))
+        if vid not in blocked:
+            entries.append((vid, entry, where))
     labels = sorted({a.get("label") for _, e, _ in entries for a in _list(e, "annotations", "")
-                     if isinstance(a, dict) and isinstance(a.get("label"), str)})
+                     if isinstance(a, dict) and isinstance(a.get("label"), str)} - set(data.ignore_labels))
     ids = {name: i for i, name in enumerate(labels)}
     root = video_root(data)
     videos = [_video(vid, entry, where, i, ids, root, data) for i, (vid, entry, where) in enumerate(entries)]
@@ -130,10 +143,35 @@ def _video(vid: str, entry: dict, where: str, index: int, ids: dict[str, int], r
         if start >= duration:
             log.warning("%s: segment [%g, %g] starts after the video's duration %g s; dropped", at, start, end, duration)
             continue
-        segments.append((start, min(end, duration)))
-        labels.append(ids[ann["label"]])
+        end = min(end, duration)
+        label = ids.get(ann["label"])
+        if label is None or end <= start:  # an ignored label, or empty
+            continue
+        if subset == data.train_subset and (end - start) <= data.min_segment_fraction * duration:
+            continue
+        if any(c == label and abs(a - start) <= 1e-3 and abs(b - end) <= 1e-3 for (a, b), c in zip(segments, labels)):
+            continue
+        segments.append((start, end))
+        labels.append(label)
     return Video(id=vid, url=_resolve(entry.get("url"), vid, where, root, data), duration=float(duration), subset=subset,
                  segments=np.asarray(segments, np.float32).reshape(-1, 2), labels=np.asarray(labels, np.int64), index=index)
+
+
+def blocked_videos(url: str, storage: StorageConfig) -> set[str]:
+    """Video ids of a JSON list or a text file with one id a line."""
+    try:
+        text = st.read_bytes(url, storage).decode("utf-8")
+    except Exception as err:
+        if isinstance(err, (OSError, UnicodeDecodeError)) or st.transient(err):
+            raise BadInput(f"{url}: cannot read data.blocked_videos ({err.__class__.__name__}: {err})") from None
+        raise
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError:
+        ids = text.split()
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BadInput(f"{url}: data.blocked_videos must be a JSON list of video ids or one id a line")
+    return set(ids)
 
 
 def _resolve(url: object, vid: str, where: str, root: str, data: DataConfig) -> str:

@@ -1,8 +1,10 @@
 """Clip augmentations, applied on the worker's device to a collated uint8 batch.
 
 Training: one random draw per clip, applied identically to all its frames — random resized crop,
-horizontal flip, rotation, colour jitter (each an `augment` toggle). Evaluation: center crop (the
-decoder has already resized the short side to `data.short_side`). Temporal jitter, the fifth
+horizontal flip, RandAugment (mmaction's ImgAug default, as OpenTAD's configs), colour jitter,
+rotation (each an `augment` toggle), in that order. Evaluation: center crop (the decoder has
+already resized the short side to `data.short_side`; with `augment.eval_resize` resized to the
+crop size first). Temporal jitter, the fifth
 augmentation of Re²TAL's ablation, chooses which frames are decoded, so the frame sampler applies
 it, not this module.
 
@@ -47,12 +49,12 @@ def augment_clips(frames_BNHW3: torch.Tensor, cfg: AugmentConfig, out_size: int,
         if training:
             _train_clip(clip_N3HW, cfg, out_size, scale_3, shift_3, generator, dst_N3SS)
         else:
-            torch.addcmul(shift_3, _center_crop(clip_N3HW, out_size), scale_3 / 255, out=dst_N3SS)
+            torch.addcmul(shift_3, _center_crop(clip_N3HW, out_size, cfg.eval_resize), scale_3 / 255, out=dst_N3SS)
     return out_B3NSS
 
 
-def _center_crop(clip_N3HW: torch.Tensor, size: int) -> torch.Tensor:
-    if min(clip_N3HW.shape[-2:]) < size:  # never pad: scale the short side up to the crop
+def _center_crop(clip_N3HW: torch.Tensor, size: int, resize: bool = False) -> torch.Tensor:
+    if resize or min(clip_N3HW.shape[-2:]) < size:  # never pad: scale the short side up to the crop
         clip_N3HW = F.resize(clip_N3HW, [size], antialias=True)
     return F.center_crop(clip_N3HW, [size, size])
 
@@ -72,6 +74,8 @@ def _train_clip(clip_N3HW: torch.Tensor, cfg: AugmentConfig, size: int, scale_3:
         x = _center_crop(clip_N3HW, size)
     if cfg.hflip and _uniform(g, 0, 1) < 0.5:
         x = F.horizontal_flip(x)
+    if cfg.rand_augment:
+        x = _rand_augment(x, cfg.rand_augment_ops, cfg.rand_augment_magnitude, g)
     max_value = 255
     if cfg.color_jitter:
         x, max_value = _color_jitter(x.float().div_(255), cfg, g), 1
@@ -82,6 +86,47 @@ def _train_clip(clip_N3HW: torch.Tensor, cfg: AugmentConfig, size: int, scale_3:
     # torchvision the masked blend it does for a non-zero fill (1.5x faster, same result).
     angle = _uniform(g, -cfg.rotation_degrees, cfg.rotation_degrees)
     out_N3SS.copy_(F.rotate(torch.addcmul(shift_3, x, scale_3 / max_value), angle, interpolation=InterpolationMode.BILINEAR))
+
+
+def _rand_augment(x: torch.Tensor, ops: int, level: float, g: torch.Generator) -> torch.Tensor:
+    """mmaction's ImgAug default (RandAugment, imgaug SomeOf(n=ops) in list order) on a uint8 clip
+    (N, 3, H, W), at `level` of each op's maximum: shear 17.19 deg, translate 0.2 of the side,
+    rotate 30 deg, posterize to 4 * level bits, solarize above 256 * level, colour / contrast /
+    brightness / sharpness factor 1.8 * level + 0.1, autocontrast, equalize, invert, a square
+    cutout 0.2 * level of the short side filled with 128 (geometric ops fill with black, as
+    imgaug's). Signs are drawn per clip (mmaction draws them once, when the pipeline is built)."""
+    h, w = x.shape[-2:]
+    factor = 1.8 * level + 0.1
+
+    def sign() -> float:
+        return 1.0 if _uniform(g, 0, 1) < 0.5 else -1.0
+
+    def cutout(x: torch.Tensor) -> torch.Tensor:
+        side = max(1, round(0.2 * level * min(h, w)))
+        cy, cx = int(_uniform(g, 0, 1) * h), int(_uniform(g, 0, 1) * w)
+        top, left = max(0, cy - side // 2), max(0, cx - side // 2)
+        return F.erase(x, top, left, min(side, h - top), min(side, w - left), torch.tensor(128, dtype=x.dtype))
+
+    table = [
+        lambda x: F.affine(x, 0.0, [0, 0], 1.0, [17.19 * level * sign(), 0.0], interpolation=InterpolationMode.BILINEAR),
+        lambda x: F.affine(x, 0.0, [0, 0], 1.0, [0.0, 17.19 * level * sign()], interpolation=InterpolationMode.BILINEAR),
+        lambda x: F.affine(x, 0.0, [round(0.2 * level * w * sign()), 0], 1.0, [0.0, 0.0]),
+        lambda x: F.affine(x, 0.0, [0, round(0.2 * level * h * sign())], 1.0, [0.0, 0.0]),
+        lambda x: F.rotate(x, 30 * level * sign(), interpolation=InterpolationMode.BILINEAR),
+        lambda x: F.posterize(x, max(1, int(4 * level))),
+        lambda x: F.solarize(x, 256 * level),
+        lambda x: F.adjust_saturation(x, factor),
+        lambda x: F.adjust_contrast(x, factor),
+        lambda x: F.adjust_brightness(x, factor),
+        lambda x: F.adjust_sharpness(x, factor),
+        F.autocontrast,
+        F.equalize,
+        F.invert,
+        cutout,
+    ]
+    for k in sorted(torch.randperm(len(table), generator=g, device=g.device)[:ops].tolist()):
+        x = table[k](x)
+    return x
 
 
 def _crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],

@@ -12,8 +12,8 @@ exactly once per epoch (sizes differ by at most one; the training loop must stop
 together). `start` skips the first `start` videos of this worker's shard (resume mid-epoch).
 
 Per video: training yields one clip (uniform: the whole video; sliding: a random window with
-`data.random_truncate`, else the first); evaluation yields every window (sliding) or one clip
-(uniform). Randomness (temporal jitter, truncation) comes from a generator seeded with
+`data.random_truncate`, by OpenTAD's rule with `data.truncate_threshold`, else the first);
+evaluation yields every window (sliding) or one clip (uniform). Randomness (temporal jitter, truncation) comes from a generator seeded with
 (seed, epoch, the video's position in the annotation file), so it does not depend on thread timing
 or on where a resumed epoch starts. Clips come out in shard order, the windows of one video
 consecutively and in time order (an evaluation loop knows a video is complete when the id changes).
@@ -25,10 +25,12 @@ A clip (`Clip`, a dict):
               (with temporal jitter, a random time within that i-th N-th of the window); uniform:
               (0, duration); sliding: N * frame_interval / fps long, placed so samples fall on frame
               centres (the first window starts (frame_interval - 1) / 2 frames before 0)
-    valid     int: frames [0, valid) are real, the rest repeat frame valid - 1 (sliding, past the end)
+    valid     int: frames [0, valid) are real, the rest repeat frame valid - 1 (sliding: past the end, or
+              a video cropped shorter by data.truncate_crop_ratio)
     duration  float: the video's duration in seconds (as decoded)
     fps       float: the video's average frame rate
     segments  float32 (M, 2): annotated segments (s) overlapping the window's real part, clipped to it
+              (with data.truncate_threshold in training: those with that fraction inside)
     labels    int64 (M,): their class ids (index into `Annotations.labels`)
 
 `collate(clips)` stacks a batch: `frames` uint8 (B, N, H, W, 3) (padded with zeros at the bottom /
@@ -52,12 +54,12 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypedDict
+from typing import Callable, Iterable, Iterator, TypedDict
 
 import numpy as np
 import torch
 
-from re2tal.config import Config
+from re2tal.config import Config, DataConfig
 from re2tal.data import sampling
 from re2tal.data.annotations import Annotations, Video, load_annotations
 from re2tal.data.cache import Lease
@@ -101,10 +103,22 @@ def plan_windows(info: VideoInfo, video: Video, cfg: Config, training: bool, rng
                                      d.num_frames, rng if training else None)]
     if d.sampling == "uniform":
         return [sampling.uniform_window(info.duration, d.num_frames)]
-    step = d.frame_interval / info.fps
+    return sliding_plan(d, info.duration, d.frame_interval / info.fps, 0.5 / info.fps, d.num_frames, d.window_stride, training,
+                        rng, video.segments)
+
+
+def sliding_plan(d: DataConfig, duration: float, step: float, first_centre: float, samples: int, stride: int, training: bool,
+                 rng: np.random.Generator, segments: np.ndarray) -> list[sampling.Window]:
+    """data.sampling sliding on a grid of `step` s whose first sample is at `first_centre`: windows
+    of `samples` samples, evaluation ones `stride` apart; training one truncated window (OpenTAD's
+    rule with data.truncate_threshold, else random), or the first. Frames and extracted features
+    (re2tal.data.features) both window by it."""
+    if training and d.random_truncate and d.truncate_threshold is not None:
+        return [sampling.truncated_window(duration, step, samples, rng, segments, d.truncate_threshold, d.truncate_crop_ratio,
+                                          first_centre)]
     if training and d.random_truncate:
-        return [sampling.random_window(info.duration, step, d.num_frames, rng, video.segments)]
-    windows = sampling.sliding_windows(info.duration, step, d.num_frames, d.window_stride, first_centre=0.5 / info.fps)
+        return [sampling.random_window(duration, step, samples, rng, segments)]
+    windows = sampling.sliding_windows(duration, step, samples, stride, first_centre, end_aligned=d.last_window == "end_aligned")
     return windows[:1] if training else windows
 
 
@@ -112,7 +126,7 @@ def make_clip(video: Video, file: VideoFile, w: sampling.Window, num_frames: int
     """Decode the frames of one window (`rng`: temporal jitter)."""
     times = sampling.sample_times(w, num_frames, rng)
     frames = file.read(file.indices(times))
-    segments, labels = sampling.segments_in(w, file.info.duration, video.segments, video.labels)
+    segments, labels = sampling.segments_in(w, file.info.duration, video.segments, video.labels, num_frames)
     return Clip(video_id=video.id, frames=torch.from_numpy(frames), window=(w.start, w.end), valid=w.valid,
                 duration=file.info.duration, fps=file.info.fps, segments=segments, labels=labels)
 
@@ -134,6 +148,10 @@ class VideoDataset:
     def __len__(self) -> int:
         """Videos (not clips) this worker handles."""
         return len(self.videos)
+
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict]:
+        """This worker's clips as collated batches (`batches`)."""
+        return batches(self, batch_size, drop_last)
 
     def _rng(self, video: Video) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, video.index])
@@ -299,9 +317,10 @@ def collate(clips: list[Clip]) -> dict:
     }
 
 
-def batches(clips: Iterable[Clip], batch_size: int, drop_last: bool = False) -> Iterator[dict]:
-    """Collated batches of `batch_size` consecutive clips (the last one may be smaller)."""
-    group: list[Clip] = []
+def batches(clips: Iterable[Clip], batch_size: int, drop_last: bool = False, collate: Callable[[list], dict] = collate) -> Iterator[dict]:
+    """Collated batches of `batch_size` consecutive clips (the last one may be smaller); `collate`
+    stacks other items (re2tal.data.features)."""
+    group: list = []
     for clip in clips:
         group.append(clip)
         if len(group) == batch_size:

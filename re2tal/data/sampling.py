@@ -12,8 +12,9 @@ the real ones, which always come first.
 - sliding (THUMOS): windows of N samples one step (frame_interval / fps) apart, placed so each
   sample's centre is the centre of a frame (frames 0, k, 2k, ... for frame_interval k; the first
   window starts (k - 1) / 2 frames before 0). Evaluation takes every window, `stride` samples
-  apart, the last one padded; training takes one window, at a random place overlapping a random
-  action if truncating, else the first.
+  apart, the last one padded or moved back to end at the video's last sample; training takes one
+  window, at a random place overlapping a random action if truncating (or by OpenTAD's
+  random_trunc rule, `truncated_window`), else the first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 class Window:
     start: float
     end: float
-    valid: int  # samples [0, valid) lie inside the video, the rest is padding
+    valid: int  # samples [0, valid) are real (inside the video, or a cropped window), the rest is padding
+    min_inside: float = 0.0  # targets: only segments with at least this fraction of their length in the real part
 
     def centres(self, n: int) -> np.ndarray:
         """Times (s) of the centres of n equal steps over the window: start + (i + 0.5) * (end - start) / n."""
@@ -46,16 +48,55 @@ def uniform_window(duration: float, num_frames: int) -> Window:
     return Window(0.0, float(duration), num_frames)
 
 
-def sliding_windows(duration: float, step: float, num_frames: int, stride: int, first_centre: float | None = None) -> list[Window]:
+def samples_in(duration: float, start: float, step: float) -> int:
+    """How many samples `step` s apart from a window starting at `start` have their centre inside the video."""
+    return max(1, math.ceil((duration - start) / step - 0.5 - 1e-6))
+
+
+def sliding_windows(duration: float, step: float, num_frames: int, stride: int, first_centre: float | None = None,
+                    end_aligned: bool = False) -> list[Window]:
     """Every window of an evaluation pass: starts `stride` samples apart, the last reaching the end.
 
     `first_centre`: time of the first sample (default step / 2, the window starting at 0); the
     centre of frame 0 (0.5 / fps) makes every sample fall on a frame's centre, never on a boundary
-    between two frames."""
+    between two frames. `end_aligned`: the last window, instead of running past the end with
+    padding, is moved back to end at the video's last sample (OpenTAD's sliding windows, from a
+    whole sample; a video shorter than a window still gets one padded window)."""
     start = 0.0 if first_centre is None else first_centre - step / 2
     extra = (duration - start) / step - num_frames
     count = 1 if extra <= 1e-6 else math.ceil(extra / stride - 1e-6) + 1
-    return [window(start + j * stride * step, step, num_frames, duration) for j in range(count)]
+    windows = [window(start + j * stride * step, step, num_frames, duration) for j in range(count)]
+    last = samples_in(duration, start, step) - num_frames
+    if end_aligned and count > 1:
+        windows = windows[:-1] + ([window(start + last * step, step, num_frames, duration)] if last > (count - 2) * stride else [])
+    return windows
+
+
+def truncated_window(duration: float, step: float, num_frames: int, rng: np.random.Generator, segments: np.ndarray,
+                     threshold: float, crop_ratio: tuple[float, float] | None = None, first_centre: float | None = None,
+                     trials: int = 200) -> Window:
+    """A training window by OpenTAD's random_trunc (LoadFrames, datasets/transforms/end_to_end.py:199-242), on
+    whole samples: of the video's n samples, L = num_frames; a video with n <= L is taken whole
+    unless `crop_ratio` (lo, hi) cuts it to a random length L in [round(lo n), round(hi n)] (if
+    L < n); then up to `trials` starts uniform in [0, n - L] until the window's real part
+    holds at least `threshold` of some segment (M, 2) s. The window keeps N samples (the rest
+    padding); only segments with `threshold` of their length inside are its targets."""
+    start = 0.0 if first_centre is None else first_centre - step / 2
+    n, length = samples_in(duration, start, step), num_frames
+    if n <= num_frames:
+        if crop_ratio is None:
+            return window(start, step, num_frames, duration)
+        length = int(rng.integers(max(round(crop_ratio[0] * n), 1), min(round(crop_ratio[1] * n), n), endpoint=True))
+        if length == n:
+            return window(start, step, num_frames, duration)
+    segments = np.asarray(segments, dtype=np.float64).reshape(-1, 2)
+    for _ in range(trials):
+        first = start + int(rng.integers(0, n - length, endpoint=True)) * step
+        inter = np.clip(np.minimum(segments[:, 1], first + length * step) - np.maximum(segments[:, 0], first), 0, None)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if np.any(inter / (segments[:, 1] - segments[:, 0]) >= threshold):
+                break
+    return Window(first, first + num_frames * step, min(length, samples_in(duration, first, step)), threshold)
 
 
 def random_window(duration: float, step: float, num_frames: int, rng: np.random.Generator,
@@ -100,9 +141,17 @@ def sample_times(w: Window, num_frames: int, rng: np.random.Generator | None = N
     return times
 
 
-def segments_in(w: Window, duration: float, segments: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The segments (M, 2) overlapping the window's real part, clipped to it, and their labels."""
+def segments_in(w: Window, duration: float, segments: np.ndarray, labels: np.ndarray, num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The segments (M, 2) overlapping the window's real part (its first `valid` of `num_frames`
+    samples, and inside the video), clipped to it, and their labels; with w.min_inside, only those
+    with at least that fraction of their length inside."""
     lo, hi = w.start, min(w.end, duration)
-    keep = (np.minimum(segments[:, 1], hi) - np.maximum(segments[:, 0], lo)) > 0
+    if num_frames is not None:
+        hi = min(hi, w.start + w.valid * (w.end - w.start) / num_frames)
+    inside = np.minimum(segments[:, 1], hi) - np.maximum(segments[:, 0], lo)
+    keep = inside > 0
+    if w.min_inside > 0:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            keep &= inside / (segments[:, 1] - segments[:, 0]) >= w.min_inside
     clipped = np.clip(segments[keep], lo, hi).astype(np.float32)
     return clipped.reshape(-1, 2), labels[keep].astype(np.int64)

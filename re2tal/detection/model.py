@@ -6,6 +6,12 @@
     shared heads on every level: class logits (B, T_l, K); distances (B, T_l, 2) >= 0 to the
     segment's start and end in units of the level's stride 2^l.
 
+head.encoder "actionformer" builds ActionFormer's own blocks (OpenTAD bricks/transformer.py
+TransformerBlock + MaskedMHCA): query, key and value each through a depth-wise conv (kernel 3,
+stride 2 in the levels after the first) and a LayerNorm before their projections; the skip path
+max-pooled; each residual branch scaled per channel by a LayerScale starting at 1e-4 (their
+AffineDropPath, present when drop_path > 0); the position encoding divided by sqrt(D).
+
 Padding: `valid` is the fraction of real frames in each clip (the rest is padding at its end);
 grid position p is real when its centre (p + 0.5) / L <= valid. Masked positions are zeroed
 after every layer, cannot be attended to, and come back in `masks` so losses and decoding skip them.
@@ -74,13 +80,7 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        pos = torch.arange(T, device=x.device)
-        allowed = mask[:, None, None, :]  # (B, 1, 1, T) keys
-        if self.window > 0:
-            allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= self.window // 2)
-        # a padded query may have no real key in reach; letting it see itself avoids NaN
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(mask, self.window))
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -100,6 +100,68 @@ class EncoderBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))) * m
 
 
+class ConvAttention(nn.Module):
+    """ActionFormer's masked multi-head conv attention (MaskedMHCA) on (B, T, C):
+    q, k, v = W_{q,k,v} LN(dwconv_s(x)) with s = `stride` (T -> T / s), attention over the real
+    keys (within the window when window > 0), out = W_o(att v) * mask_s. Returns (out, mask_s)."""
+
+    def __init__(self, dim: int, heads: int, window: int, dropout: float, stride: int):
+        super().__init__()
+        self.heads, self.window, self.stride = heads, window, stride
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, 3, stride, 1, groups=dim, bias=False) for _ in range(3))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+        self.qkv = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = mask[:, :: self.stride]
+        m = mask[..., None].to(x.dtype)
+        q, k, v = (lin(norm(conv(x.transpose(1, 2)).transpose(1, 2) * m)) for conv, norm, lin in zip(self.convs, self.norms, self.qkv))
+        B, T, C = q.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(mask, self.window))
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C))) * m, mask
+
+
+def attention_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, T, T) bool: query i may attend to the real keys j with |i - j| <= window // 2 (all
+    real keys when window is -1), and to itself, so a padded query has a key (no NaN)."""
+    T = mask.shape[1]
+    pos = torch.arange(T, device=mask.device)
+    allowed = mask[:, None, None, :]
+    if window > 0:
+        allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= window // 2)
+    return allowed | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
+class ActionFormerBlock(nn.Module):
+    """ActionFormer's TransformerBlock on (B, T, C), stride s (1 or 2):
+    y = maxpool_s(x) * mask_s + drop_path(g1 * attn(LN(x))), out = y + drop_path(g2 * mlp(LN(y)) * mask_s),
+    g1, g2 per-channel LayerScales starting at 1e-4 (none when drop_path is 0, as theirs)."""
+
+    def __init__(self, dim: int, heads: int, window: int, dropout: float, drop_path: float, stride: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = ConvAttention(dim, heads, window, dropout, stride)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.stride = stride
+        self.scales = nn.ParameterList(nn.Parameter(torch.full((dim,), 1e-4)) for _ in range(2 if drop_path > 0 else 0))
+        self.drop_path = StochasticDepth(drop_path, "row")
+        for module in self.modules():  # ActionFormer starts its linear / conv biases at 0
+            if isinstance(module, (nn.Linear, nn.Conv1d)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, mask = self.attn(self.norm1(x), mask)
+        m = mask[..., None].to(x.dtype)
+        if self.stride > 1:
+            x = F.max_pool1d(x.transpose(1, 2), self.stride + 1, self.stride, (self.stride + 1) // 2).transpose(1, 2)
+        g1, g2 = self.scales if len(self.scales) else (1.0, 1.0)
+        x = x * m + self.drop_path(g1 * y)
+        return x + self.drop_path(g2 * self.mlp(self.norm2(x)) * m), mask
+
+
 class Scale(nn.Module):
     """x * s with one learnable scalar s (per pyramid level, on the shared regression head)."""
 
@@ -114,15 +176,16 @@ class Scale(nn.Module):
 class Head(nn.Module):
     """Conv head shared by all levels: `depth` x (conv, LayerNorm, ReLU), then a conv to `c_out`."""
 
-    def __init__(self, dim: int, c_out: int, depth: int):
+    def __init__(self, dim: int, c_out: int, depth: int, eps: float = 1e-5):
         super().__init__()
         self.convs = nn.ModuleList(MaskedConv(dim, dim, bias=False) for _ in range(depth))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for _ in range(depth))
         self.out = MaskedConv(dim, c_out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask[..., None].to(x.dtype)
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(norm(conv(x, mask)))
+            x = F.relu(norm(conv(x, mask))) * m
         return self.out(x, mask)
 
 
@@ -133,18 +196,26 @@ class Detector(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.seq_len = cfg.seq_len
+        self.actionformer = cfg.encoder == "actionformer"
+        eps = 1e-6 if self.actionformer else 1e-5  # ActionFormer's conv modules and FPN norms
         self.embed = nn.ModuleList(MaskedConv(in_channels if i == 0 else D, D, bias=False) for i in range(cfg.embed_convs))
-        self.embed_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.embed_convs))
+        self.embed_norms = nn.ModuleList(nn.LayerNorm(D, eps=eps) for _ in range(cfg.embed_convs))
         if cfg.abs_position:
-            self.register_buffer("position", sinusoid(cfg.seq_len, D), persistent=False)
+            pe = sinusoid(cfg.seq_len, D) / (math.sqrt(D) if self.actionformer else 1.0)
+            self.register_buffer("position", pe, persistent=False)
         else:
             self.position = None
-        block = partial(EncoderBlock, D, cfg.num_attn_heads, cfg.attn_window, cfg.dropout, cfg.drop_path)
-        self.stem = nn.ModuleList(block() for _ in range(cfg.stem_layers))
-        self.branch = nn.ModuleList(block() for _ in range(cfg.fpn_levels - 1))
-        self.level_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.fpn_levels))
-        self.cls_head = Head(D, cfg.num_classes, cfg.head_convs)
-        self.reg_head = Head(D, 2, cfg.head_convs)
+        if self.actionformer:
+            block = partial(ActionFormerBlock, D, cfg.num_attn_heads, cfg.attn_window, cfg.dropout, cfg.drop_path)
+            self.stem = nn.ModuleList(block(1) for _ in range(cfg.stem_layers))
+            self.branch = nn.ModuleList(block(2) for _ in range(cfg.fpn_levels - 1))
+        else:
+            block = partial(EncoderBlock, D, cfg.num_attn_heads, cfg.attn_window, cfg.dropout, cfg.drop_path)
+            self.stem = nn.ModuleList(block() for _ in range(cfg.stem_layers))
+            self.branch = nn.ModuleList(block() for _ in range(cfg.fpn_levels - 1))
+        self.level_norms = nn.ModuleList(nn.LayerNorm(D, eps=eps) for _ in range(cfg.fpn_levels))
+        self.cls_head = Head(D, cfg.num_classes, cfg.head_convs, eps)
+        self.reg_head = Head(D, 2, cfg.head_convs, eps)
         self.reg_scales = nn.ModuleList(Scale() for _ in range(cfg.fpn_levels))
         # start every class at probability cls_prior_prob so the focal loss starts small (RetinaNet)
         nn.init.constant_(self.cls_head.out.conv.bias, -math.log((1 - cfg.cls_prior_prob) / cfg.cls_prior_prob))
@@ -163,16 +234,19 @@ class Detector(nn.Module):
         frame_logits = self.frame_cls(x) if self.frame_cls is not None else None
 
         for conv, norm in zip(self.embed, self.embed_norms):
-            x = F.relu(norm(conv(x, mask)))
+            x = F.relu(norm(conv(x, mask))) * mask[..., None].to(x.dtype)
         if self.position is not None:
             x = x + self.position.to(x.dtype) * mask[..., None].to(x.dtype)
         for blk in self.stem:
-            x = blk(x, mask)
+            x = blk(x, mask)[0] if self.actionformer else blk(x, mask)
         feats_l, masks = [x], [mask]
         for blk in self.branch:
-            x = F.max_pool1d(x.transpose(1, 2), 3, 2, 1).transpose(1, 2)
-            mask = mask[:, ::2]
-            x = blk(x, mask)
+            if self.actionformer:  # downsamples inside
+                x, mask = blk(x, mask)
+            else:
+                x = F.max_pool1d(x.transpose(1, 2), 3, 2, 1).transpose(1, 2)
+                mask = mask[:, ::2]
+                x = blk(x, mask)
             feats_l.append(x)
             masks.append(mask)
 

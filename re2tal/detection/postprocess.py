@@ -1,15 +1,27 @@
-"""From head outputs to ActivityNet predictions: decoding, Soft-NMS, seconds, windows, class scores.
+"""From head outputs to ActivityNet predictions, as OpenTAD post-processes ActionFormer's.
 
-    postprocess(outputs, cfg)            per clip: segments (grid), scores, labels after Soft-NMS
-    to_predictions(clips, videos, ...)   per video, in seconds, windows merged, labels named,
-                                         external video-level class scores fused
+    postprocess(out, cfg)               per clip: candidate segments (grid), scores, labels
+    to_predictions(clips, videos, ...)  per video: one Soft-NMS over all its clips' candidates
+                                        (+ boundary voting), seconds, labels named, external
+                                        video-level class scores fused
 
-Gaussian Soft-NMS (Bodla et al. 2017): repeatedly keep the highest-scoring segment m and decay
-every other segment i of the same class (any class when class-agnostic) by
-score_i *= exp(-tIoU(m, i)^2 / sigma); segments that fall below min_score are dropped; stop
-after max_segments. All clips of a batch, and all classes of a clip, run in one loop: segments of
-other classes are simply not decayed, and because kept scores never increase, the first
-max_segments kept are the top max_segments of the per-class results.
+Candidates (OpenTAD `SingleStageDetector.post_processing`, single_stage.py:106-134): a
+class-agnostic head's every real point; a multi-class head's (point, class) pairs scoring above
+pre_nms_threshold, the pre_nms_topk highest, in descending order of score.
+
+Soft-NMS (`soft_nms`): OpenTAD's Gaussian Soft-NMS (nms_cpu.cpp `softnms_1d_cpu`, method 2):
+repeatedly keep the highest-scoring segment m and decay every other one by
+score_i *= exp(-tIoU(m, i)^2 / sigma), dropping those that fall below min_score; tIoU adds 1e-6 to
+each length, ties go to the first in the working array, which picks and drops permute by swaps.
+Per class, or over all classes with class_agnostic (`batched_nms`, nms.py:101-208); then the
+max_segments highest. Boundary voting (`seg_voting`, nms.py:64-98), class-agnostic only: each kept
+segment becomes the score-weighted mean of every candidate overlapping it by tIoU >= the
+voting threshold; its score is kept.
+
+Where (OpenTAD single_stage.py:136-143, test_engine.py:100-128): a video seen whole in one clip is
+NMSed on its clip's grid and cut to [0, duration] afterwards; sliding windows go to seconds, are cut
+to the video, and all windows' candidates of a video share one NMS. Segments empty after the cut
+are dropped (they match nothing).
 """
 
 from __future__ import annotations
@@ -27,87 +39,120 @@ from re2tal.detection.grid import grid_to_seconds
 from re2tal.detection.model import DetectorOutput
 from re2tal.errors import BadInput
 
-
-@torch.no_grad()
-def decode(out: DetectorOutput, cfg: NmsConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate segments of each clip before NMS: the pre_nms_topk (point, class) pairs of
-    highest sigmoid score over all levels. Returns segments (B, N, 2) grid units, scores (B, N),
-    labels (B, N) and alive (B, N): above pre_nms_threshold and longer than min_length."""
-    logits, offsets, mask, points, strides = out.flat()
-    B, P, K = logits.shape
-    prob = torch.sigmoid(logits.float()) * mask[..., None]
-    scores, idx = prob.reshape(B, P * K).topk(min(cfg.pre_nms_topk, P * K), dim=1)
-    point, labels = idx // K, idx % K
-    dist = offsets.float().gather(1, point[..., None].expand(-1, -1, 2)) * strides[point][..., None]
-    x = points[point]
-    segments = torch.stack([x - dist[..., 0], x + dist[..., 1]], dim=-1)
-    alive = (scores > cfg.pre_nms_threshold) & (segments[..., 1] - segments[..., 0] > cfg.min_length)
-    return segments, scores, labels, alive
-
-
-def segment_iou(one: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
-    """tIoU of one segment (..., 1, 2) against many (..., N, 2) -> (..., N); 0 for empty unions."""
-    inter = (torch.minimum(one[..., 1], many[..., 1]) - torch.maximum(one[..., 0], many[..., 0])).clamp(min=0)
-    union = (one[..., 1] - one[..., 0]) + (many[..., 1] - many[..., 0]) - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
-
-
-@torch.no_grad()
-def soft_nms(segments: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, alive: torch.Tensor, sigma: float,
-             min_score: float, max_segments: int, class_agnostic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched Gaussian Soft-NMS. segments (B, N, 2), scores / labels / alive (B, N).
-    Returns kept indices (B, M), their decayed scores (B, M) and valid (B, M): row b keeps
-    indices[b, valid[b]], in order of selection (descending score)."""
-    B, N = scores.shape
-    s = torch.where(alive, scores.float(), torch.full_like(scores, -math.inf, dtype=torch.float32))
-    kept, kept_scores, kept_valid = [], [], []
-    for _ in range(min(max_segments, N)):
-        best, i = s.max(dim=1)
-        ok = best >= min_score
-        if not ok.any():
-            break
-        kept.append(i)
-        kept_scores.append(best)
-        kept_valid.append(ok)
-        m = segments.gather(1, i[:, None, None].expand(B, 1, 2))
-        decay = torch.exp(-segment_iou(m, segments).float().square() / sigma)
-        if not class_agnostic:
-            decay = torch.where(labels == labels.gather(1, i[:, None]), decay, torch.ones_like(decay))
-        s = torch.where(s > -math.inf, s * decay, s)  # -inf * 0 would be NaN for tiny sigma
-        s.scatter_(1, i[:, None], -math.inf)
-        s = s.masked_fill(s < min_score, -math.inf)
-    if not kept:
-        empty = torch.zeros(B, 0, dtype=torch.long, device=scores.device)
-        return empty, empty.float(), empty.bool()
-    return torch.stack(kept, 1), torch.stack(kept_scores, 1), torch.stack(kept_valid, 1)
+IOU_EPS = 1e-6  # added to every segment length in Soft-NMS's tIoU (OpenTAD nms_cpu.cpp:77)
 
 
 @torch.no_grad()
 def postprocess(out: DetectorOutput, cfg: NmsConfig) -> list[dict[str, torch.Tensor]]:
-    """Per clip (on the CPU): `segments` (M, 2) grid units, `scores` (M,), `labels` (M,) long,
-    sorted by score, after decoding and Soft-NMS (per class unless cfg.class_agnostic)."""
-    segments, scores, labels, alive = decode(out, cfg)
-    keep, kept_scores, valid = soft_nms(segments, scores, labels, alive, cfg.sigma, cfg.min_score, cfg.max_segments,
-                                        cfg.class_agnostic)
+    """Per clip (on the CPU): the candidates `segments` (N, 2) float32 grid units, `scores` (N,),
+    `labels` (N,) long; see the module docstring. Decoded segment of point x at stride s with
+    distances (l, r): (x - l s, x + r s). Segments not longer than cfg.min_length are dropped."""
+    logits, offsets, mask, points, strides = (t.detach().cpu() for t in out.flat())
+    K = logits.shape[-1]
+    dist = offsets.float() * strides[None, :, None]
+    segments = torch.stack([points[None] - dist[..., 0], points[None] + dist[..., 1]], dim=-1)  # (B, P, 2)
     clips = []
-    for b in range(segments.shape[0]):
-        i = keep[b, valid[b]]
-        clips.append({"segments": segments[b, i].float().cpu(), "scores": kept_scores[b, valid[b]].cpu(),
-                      "labels": labels[b, i].cpu()})
+    for seg, prob, real in zip(segments, torch.sigmoid(logits.float()), mask):
+        seg, prob = seg[real], prob[real]
+        if K == 1:
+            scores, labels = prob[:, 0], torch.zeros(len(prob), dtype=torch.long)
+        else:
+            flat = prob.flatten()
+            idx = torch.nonzero(flat > cfg.pre_nms_threshold, as_tuple=True)[0]
+            scores, order = flat[idx].sort(descending=True)
+            scores, idx = scores[: cfg.pre_nms_topk], idx[order[: cfg.pre_nms_topk]]
+            seg, labels = seg[torch.div(idx, K, rounding_mode="floor")], idx % K
+        keep = seg[:, 1] - seg[:, 0] > cfg.min_length
+        clips.append({"segments": seg[keep].float(), "scores": scores[keep].float(), "labels": labels[keep]})
     return clips
+
+
+def soft_nms(segments: np.ndarray, scores: np.ndarray, sigma: float, min_score: float, max_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenTAD's Gaussian Soft-NMS of one set of segments (N, 2), scores (N,), in float32 as its C++
+    loop. Returns the kept indices and their decayed scores in order of selection (at most
+    max_segments).
+
+    Step i: m = the first maximum of the working array's positions [i, n); swap it to i; decay the
+    positions after i by exp(-u^2 / sigma), u = inter / (len_m + len_j - inter), len = end - start +
+    1e-6; a position whose score drops below min_score is replaced by the array's last element
+    (itself then examined) and n shrinks. Vectorised per step: holes in the first k positions (k
+    survivors) take the surviving elements from the back, last first."""
+    x1 = np.array(segments[:, 0], dtype=np.float32)
+    x2 = np.array(segments[:, 1], dtype=np.float32)
+    sc = np.array(scores, dtype=np.float32)
+    area = x2 - x1 + np.float32(IOU_EPS)
+    ind = np.arange(len(sc))
+    arrays = (x1, x2, sc, area, ind)
+    sigma32, floor = np.float32(sigma), np.float32(min_score)
+    n, i = len(sc), 0
+    while i < n and i < max_segments:
+        m = i + int(np.argmax(sc[i:n]))
+        for a in arrays:
+            a[i], a[m] = a[m], a[i]
+        rest = slice(i + 1, n)
+        inter = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        ovr = inter / (area[i] + area[rest] - inter)
+        sc[rest] *= np.exp(-(ovr * ovr) / sigma32)
+        keep = sc[rest] >= floor
+        k = int(keep.sum())
+        if k < n - i - 1:
+            order = np.arange(n - i - 1)
+            order[np.flatnonzero(~keep[:k])] = np.flatnonzero(keep[k:])[::-1] + k
+            for a in arrays:
+                a[rest][:k] = a[rest][order[:k]]
+            n = i + 1 + k
+        i += 1
+    return ind[:i].copy(), sc[:i].copy()
+
+
+def segment_voting(kept: np.ndarray, candidates: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Boundary voting (OpenTAD `seg_voting`, nms.py:64-98): kept segments (M, 2) -> the
+    score-weighted mean of the candidates (N, 2) whose plain tIoU (no epsilon) with each is >=
+    threshold, float32: w_mn = s_n [tIoU(m, n) >= t], seg'_m = sum_n w_mn seg_n / sum_n w_mn."""
+    kept, candidates, scores = (np.asarray(a, dtype=np.float32) for a in (kept, candidates, scores))
+    inter = np.clip(np.minimum(kept[:, None, 1], candidates[None, :, 1]) - np.maximum(kept[:, None, 0], candidates[None, :, 0]), 0, None)
+    lengths = (kept[:, None, 1] - kept[:, None, 0]) + (candidates[None, :, 1] - candidates[None, :, 0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weights = (inter / (lengths - inter) >= np.float32(threshold)).astype(np.float32) * scores[None, :]
+        weights /= weights.sum(axis=1, keepdims=True)
+    return weights @ candidates
+
+
+def batched_nms(segments: np.ndarray, scores: np.ndarray, labels: np.ndarray, cfg: NmsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenTAD's `batched_nms` (nms.py:101-208) with Gaussian Soft-NMS: per class (ascending label)
+    unless cfg.class_agnostic, each capped at max_segments; class-agnostic results are voted on
+    (cfg.voting_threshold > 0); then the max_segments highest scores. float32 segments, scores,
+    int labels, sorted by descending score."""
+    segments, scores = np.asarray(segments, np.float32).reshape(-1, 2), np.asarray(scores, np.float32)
+    labels = np.asarray(labels, np.int64)
+    groups = [np.arange(len(scores))] if cfg.class_agnostic else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    picked, picked_scores = [], []
+    for group in groups:
+        keep, kept_scores = soft_nms(segments[group], scores[group], cfg.sigma, cfg.min_score, cfg.max_segments)
+        picked.append(group[keep])
+        picked_scores.append(kept_scores)
+    index = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+    new_scores = np.concatenate(picked_scores) if picked else np.zeros(0, np.float32)
+    new_segments = segments[index]
+    if cfg.class_agnostic and cfg.voting_threshold > 0 and len(index):
+        new_segments = segment_voting(new_segments, segments, scores, cfg.voting_threshold)
+    # the same (not necessarily stable) sort as OpenTAD's, so equal scores come out in its order
+    order = torch.from_numpy(new_scores).sort(descending=True)[1].numpy()[: cfg.max_segments]
+    return new_segments[order], new_scores[order], labels[index][order]
 
 
 def to_predictions(clips: Sequence[Mapping[str, torch.Tensor]], videos: Sequence[str], windows: Sequence[Sequence[float]],
                    durations: Sequence[float], label_names: Sequence[str], cfg: NmsConfig, seq_len: int,
-                   class_scores: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
-    """ActivityNet submission dict from per-clip results (`postprocess`).
+                   class_scores: Mapping[str, Mapping[str, float]] | None = None, sliding: bool | None = None) -> dict[str, Any]:
+    """ActivityNet submission dict from per-clip candidates (`postprocess`).
 
-    clips[i] belongs to video videos[i] (several clips of one video: sliding windows), covers
-    windows[i] = (start_s, end_s); durations[i] is that video's length. Segments go to seconds
-    (`grid_to_seconds`), are cut to [0, duration] (empty ones dropped); a video's windows are
-    merged by another Soft-NMS. With `class_scores` ({video: {label: score}}, class-agnostic
-    head) each segment is repeated for the video's top cfg.topk_classes classes with score
-    segment score * class score; else its label is label_names[label].
+    clips[i] belongs to video videos[i], covers windows[i] = (start_s, end_s); durations[i] is that
+    video's length. `sliding`: whether clips are sliding windows (candidates to seconds and cut to
+    the video, then one Soft-NMS per video) or each video's one whole-video clip (Soft-NMS on the
+    clip's grid, then seconds and the cut); None: a video with several clips is sliding. With
+    `class_scores` ({video: {label: score}}, class-agnostic head) each segment is repeated for the
+    video's top cfg.topk_classes classes with score segment score * class score; else its label is
+    label_names[label].
     """
     by_video: dict[str, list[int]] = {}
     for i, vid in enumerate(videos):
@@ -115,27 +160,23 @@ def to_predictions(clips: Sequence[Mapping[str, torch.Tensor]], videos: Sequence
     results: dict[str, list[dict[str, Any]]] = {}
     for vid, idx in by_video.items():
         duration = float(durations[idx[0]])
-        seg = np.concatenate([grid_to_seconds(clips[i]["segments"].double().numpy().reshape(-1, 2), windows[i], seq_len) for i in idx])
-        score = np.concatenate([clips[i]["scores"].double().numpy() for i in idx])
-        label = np.concatenate([clips[i]["labels"].numpy() for i in idx])
-        seg = np.clip(seg, 0.0, duration)
+        parts = [{k: clips[i][k].numpy() for k in ("segments", "scores", "labels")} for i in idx]
+        if sliding or (sliding is None and len(idx) > 1):
+            seg = np.concatenate([np.clip(grid_to_seconds(p["segments"].astype(np.float64).reshape(-1, 2), windows[i], seq_len), 0.0, duration)
+                                  for p, i in zip(parts, idx)])
+            seg, score, label = batched_nms(seg, np.concatenate([p["scores"] for p in parts]),
+                                            np.concatenate([p["labels"] for p in parts]), cfg)
+            seg = seg.astype(np.float64)
+        else:
+            if len(idx) > 1:
+                raise ValueError(f"video {vid!r} has {len(idx)} clips; pass sliding=True to merge windows")
+            seg, score, label = batched_nms(parts[0]["segments"], parts[0]["scores"], parts[0]["labels"], cfg)
+            seg = np.clip(grid_to_seconds(seg.astype(np.float64).reshape(-1, 2), windows[idx[0]], seq_len), 0.0, duration)
         keep = seg[:, 1] > seg[:, 0]
-        seg, score, label = seg[keep], score[keep], label[keep]
-        if len(idx) > 1 and len(score):
-            seg, score, label = _merge_windows(seg, score, label, cfg)
-        results[vid] = _entries(vid, seg, score, label, label_names, cfg, class_scores)
+        results[vid] = _entries(vid, seg[keep], score[keep].astype(np.float64), label[keep], label_names, cfg, class_scores)
     return {"version": "re2tal", "results": results,
             "external_data": {"used": class_scores is not None,
                               "details": "video-level class scores fused as segment score x class score" if class_scores is not None else ""}}
-
-
-def _merge_windows(seg: np.ndarray, score: np.ndarray, label: np.ndarray, cfg: NmsConfig):
-    """Soft-NMS over the segments of all windows of one video (seconds; tIoU does not care)."""
-    batch = [torch.from_numpy(np.ascontiguousarray(a))[None] for a in (seg, score, label)]
-    keep, kept_scores, valid = soft_nms(*batch, torch.ones(1, len(score), dtype=torch.bool),
-                                        cfg.sigma, cfg.min_score, cfg.max_segments, cfg.class_agnostic)
-    i = keep[0, valid[0]].numpy()
-    return seg[i], kept_scores[0, valid[0]].double().numpy(), label[i]
 
 
 def _entries(vid: str, seg: np.ndarray, score: np.ndarray, label: np.ndarray, label_names: Sequence[str], cfg: NmsConfig,

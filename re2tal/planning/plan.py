@@ -36,19 +36,15 @@ here is 2^30 bytes, as `peak_memory_gb` (torch.cuda.max_memory_allocated / 2^30)
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from re2tal.config import Config
-from re2tal.errors import BadInput
 from re2tal.training.optim import param_groups
 from re2tal.planning.zero_layout import DTYPES, zero_memory
 from re2tal.rev.pieces import default_piece_size
@@ -357,25 +353,3 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{'largest num_frames':<24}" + "".join(f"{m.largest_num_frames:>{width}}" for m in modes))
     lines.append(f"(predicted in {plan.seconds:.1f} s; not counted: CUDA context / NCCL, allocator fragmentation, workspaces)")
     return "\n".join(lines)
-
-
-def plan_command(args: argparse.Namespace) -> int:
-    if args.gpu_memory_gb <= 0:
-        raise BadInput(f"--gpu-memory-gb: must be positive, got {args.gpu_memory_gb}")
-    from re2tal.training.model import build_model
-
-    plan = make_plan(args.cfg, build_model, args.gpu_memory_gb)
-    print(format_plan(plan))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":  # python -m re2tal.planning.plan CONFIG: quick look
-    from re2tal.config import load_config
-
-    from re2tal.training.model import build_model
-
-    print(format_plan(make_plan(load_config(sys.argv[1], sys.argv[2:]), build_model, 80.0)))

@@ -63,7 +63,7 @@ def run(annotations_url: str, out_url: str, settings: Settings, storage: Storage
     if st.protocol(out_url) == "file":
         fs.makedirs(posixpath.join(root, "videos"), exist_ok=True)
 
-    from re2tal.training.trainer import init_ray
+    from re2tal.raycluster import init_ray
 
     init_ray()
     logging.getLogger("ray.data").setLevel(logging.WARNING)

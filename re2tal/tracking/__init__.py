@@ -9,15 +9,17 @@ throughout, never MLflow's global active run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from re2tal.config import Config, TrackingConfig
+from re2tal.tracking.datasets import log_datasets  # noqa: F401
+from re2tal.tracking.models import LoggedModel, log_model  # noqa: F401
+from re2tal.tracking.system import SystemMetrics  # noqa: F401
+from re2tal.tracking.tracker import Tracker, retrying  # noqa: F401  (Tracker: re2tal.tracking.Tracker)
 
 RUN_TAG = "re2tal.run"
 # The kind of experiment from which MLflow 3 UIs choose between the GenAI (traces) view and the
@@ -115,42 +117,17 @@ def log_config(client, run_id: str, cfg: Config, artifact_file: str = "config/re
     client.log_text(run_id, cfg.to_yaml(), artifact_file)
 
 
-def close_run(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
+def close_run(uri: str, run_id: str, status: str, tags: Mapping[str, str] | None = None, retry_s: float = 0.0) -> None:
+    """Tag the run and end it with `status`, retrying for up to `retry_s` while the tracking
+    server does not answer."""
     client = _client(uri)
-    for k, v in (tags or {}).items():
-        client.set_tag(run_id, k, v)
-    client.set_terminated(run_id, status=status)
 
+    def close() -> None:
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, k, v)
+        client.set_terminated(run_id, status=status)
 
-class Tracker:
-    """Logging into an open run from a worker (rank 0)."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.client = _client(uri)
-        self.run_id = run_id
-
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
-
-    def json(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
-
-    def text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
-
-    def figure(self, fig, artifact_file: str) -> None:
-        import matplotlib.pyplot as plt
-
-        self.client.log_figure(self.run_id, fig, artifact_file)
-        plt.close(fig)
-
-    def file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+    retrying(close, retry_s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,3 +133,10 @@ def gather_to_main(obj: Any, worker: Worker) -> list[Any] | None:
     out = [None] * worker.world_size if worker.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every worker."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

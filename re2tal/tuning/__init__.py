@@ -1,8 +1,8 @@
 """Ray Tune sweeps over config keys (`tune.space`, `tune.cases`).
 
 Three thin layers (Ray's Train V2 + Tune pattern): the Tuner here; the trial driver `_trial`, which
-turns a trial's params into a validated config and runs the same `fit` as `re2tal train`, with
-Tune's report callback; and the per-worker loop of re2tal.training. Each trial is its own
+turns a trial's params into a validated config and runs the same `fit` of the same task as
+`re2tal train`, with Tune's report callback; and the per-worker loop of re2tal.training. Each trial is its own
 training run named `<tune.name>-<trial id>` (own checkpoints, own MLflow run nested under the
 sweep's parent run). Re-running the same sweep name resumes the sweep: Tune restores its trials,
 a trial that was cut off resumes from its training checkpoint into the same MLflow child run, and
@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from re2tal.config import Config
+from re2tal.training.task import Task
 from re2tal.tuning.space import CASE, param_space, search_algorithm, trial_overrides
 from re2tal.tuning.summary import best_config, best_row, columns, label, ranked, rows_from_results, to_csv, trial_name
 
@@ -33,13 +34,13 @@ class SweepResult:
     parent_run_id: str | None
 
 
-def _trial(params: dict[str, Any], base: Config, parent_run_id: str | None) -> None:
+def _trial(params: dict[str, Any], base: Config, task: Task, parent_run_id: str | None) -> None:
     """One trial: a training run of the base config with the trial's values."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from re2tal.tracking.sweep import PARENT_TAG
-    from re2tal.training.trainer import fit
+    from re2tal.training.driver import fit
 
     trial_id = tune.get_context().get_trial_id()
     cfg = base.with_overrides(trial_config_overrides(params, base, trial_id))
@@ -48,7 +49,7 @@ def _trial(params: dict[str, Any], base: Config, parent_run_id: str | None) -> N
         tags[PARENT_TAG] = parent_run_id
     if CASE in params:
         tags[CASE_TAG] = base.tune.case_label(params[CASE])
-    fit(cfg, callbacks=[TuneReportCallback()], extra_tags=tags, show_progress=False)
+    fit(cfg, task, callbacks=[TuneReportCallback()], extra_tags=tags, show_progress=False)
 
 
 def trial_config_overrides(params: dict[str, Any], base: Config, trial_id: str) -> dict[str, Any]:
@@ -58,21 +59,24 @@ def trial_config_overrides(params: dict[str, Any], base: Config, trial_id: str) 
     return {**trial_overrides(params, base.tune), "train.name": trial_name(base, trial_id), "tune.space": {}, "tune.cases": []}
 
 
-def sweep(cfg: Config, verbose: bool = False) -> SweepResult:
-    """Run (or resume) the sweep; logs and returns its summary."""
+def sweep(cfg: Config, task: Task, verbose: bool = False) -> SweepResult:
+    """Run (or resume) the sweep of `task`'s training runs; logs and returns its summary."""
     from ray import tune
 
     from re2tal.errors import BadInput
-    from re2tal.training.trainer import absolute_paths, init_ray, prepare, storage_for_ray
+    from re2tal.raycluster import init_ray
+    from re2tal.training.driver import storage_for_ray
+    from re2tal.training.paths import absolute_paths
 
     cfg = absolute_paths(cfg)  # trials run in directories of their own
     if not cfg.tune.space and not cfg.tune.cases:
         raise BadInput("tune.space: is empty and there are no tune.cases; give at least one config key to sweep")
     if cfg.train.num_workers == 0:
         raise BadInput("train.num_workers: 0 (local mode) cannot run under Tune, whose trials need Ray Train workers; use 1 or more")
-    prepare(cfg)  # bad data fails before any trial starts; the synthetic set is written once, not by each trial
-    # Every training report reaches Tune, but only evaluations carry tune.metric (ASHA skips the
-    # others); Tune would otherwise fail the trial at its first step report.
+    task.check_data(cfg)  # bad data fails before any trial starts; the synthetic set is written once, not by each trial
+    # Training reports reach Tune at checkpoints and evaluations, but only evaluations carry
+    # tune.metric (ASHA skips the others); Tune would otherwise fail the trial at its first
+    # checkpoint between evaluations.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not verbose:  # Tune's newer console output prints experiment and error blocks even when silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -87,7 +91,7 @@ def sweep(cfg: Config, verbose: bool = False) -> SweepResult:
     # refuses an empty resource request, and a token fraction of a CPU would leave a trial whose
     # workers want all of a node's CPUs (the debug setup: 2 workers on 2 cores) unschedulable:
     # the driver asks for a token 1 MiB of Ray's memory resource instead.
-    trainable = tune.with_parameters(tune.with_resources(_trial, {"memory": 2**20}), base=cfg, parent_run_id=parent_id)
+    trainable = tune.with_parameters(tune.with_resources(_trial, {"memory": 2**20}), base=cfg, task=task, parent_run_id=parent_id)
     path = f"{storage_path.rstrip('/')}/{cfg.tune.name}"
     status = "FAILED"
     try:

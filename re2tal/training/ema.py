@@ -1,34 +1,9 @@
-"""The localizer: backbone (reversible or not) feeding the detection head, and its EMA."""
+"""Exponential moving average of a model's weights, for evaluation."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
-
-from re2tal.config import Config
-from re2tal.detection import DetectorOutput, build_detector
-
-
-class Localizer(nn.Module):
-    """frames (B, 3, N, H, W), normalised -> backbone features (B, C, N', H', W') -> detector."""
-
-    def __init__(self, backbone: nn.Module, detector: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.detector = detector
-
-    def forward(self, frames_B3NHW: torch.Tensor, valid_B: torch.Tensor) -> DetectorOutput:
-        """valid_B: fraction of each clip's frames that are real (the rest is end padding)."""
-        return self.detector(self.backbone(frames_B3NHW), valid_B)
-
-
-def build_model(cfg: Config) -> Localizer:
-    from re2tal.backbones import build_backbone
-
-    backbone = build_backbone(cfg.backbone, cfg.storage)
-    return Localizer(backbone, build_detector(cfg.head, backbone.out_channels))
 
 
 class EMA:
@@ -75,7 +50,3 @@ class _Swap:
             for k, v in self.saved.items():
                 state[k].copy_(v)
         return False
-
-
-def detach_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).eval()

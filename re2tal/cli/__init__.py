@@ -1,8 +1,10 @@
-"""The `re2tal` command.
+"""The `re2tal` command: the only module that knows every task (re2tal.tasks) and the sweeps
+(re2tal.tuning).
 
-A small, fixed CLI: everything else is a config key (`--set section.key=value`). Handlers are
-imported only when their subcommand runs, so `re2tal --help` stays fast. Exit codes: 0 ok,
-2 bad input (one line naming what is wrong), 1 anything else.
+A small, fixed CLI: everything else is a config key (`--set section.key=value`). Handlers
+(re2tal.cli.commands and the tools' own modules) are imported only when their subcommand runs, so
+`re2tal --help` stays fast. Exit codes: 0 ok, 2 bad input (one line naming what is wrong), 1
+anything else.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ from typing import Callable, Sequence
 from re2tal.config import load_config
 from re2tal.errors import BadInput
 
-# subcommand -> "module:function" taking the parsed args and returning an exit code,
-# or None while the capability is not built yet.
-HANDLERS: dict[str, str | None] = {
-    "train": "re2tal.training.cli:train_command",
-    "finetune": "re2tal.training.finetune:finetune_command",
-    "tune": "re2tal.training.cli:tune_command",
-    "eval": "re2tal.training.cli:eval_command",
-    "predict": "re2tal.training.cli:predict_command",
-    "plan": "re2tal.planning.plan:plan_command",
+# subcommand -> "module:function" taking the parsed args and returning an exit code
+HANDLERS: dict[str, str] = {
+    "train": "re2tal.cli.commands:train",
+    "finetune": "re2tal.cli.commands:finetune",
+    "tune": "re2tal.cli.commands:tune",
+    "eval": "re2tal.cli.commands:evaluate",
+    "predict": "re2tal.cli.commands:predict",
+    "extract": "re2tal.cli.commands:extract",
+    "plan": "re2tal.cli.commands:plan",
     "map": "re2tal.evaluation.cli:map_command",
     "data synth": "re2tal.data.synth:main",
     "data inspect": "re2tal.data.video:inspect_command",
@@ -31,17 +33,32 @@ HANDLERS: dict[str, str | None] = {
     "bench memory": "re2tal.bench.model:memory_main",
     "bench speed": "re2tal.bench.model:speed_main",
     "bench loader": "re2tal.bench.loader:main",
+    "bench predict": "re2tal.bench.predict:main",
     "bench map": "re2tal.bench.map:main",
     "bench tadaconv": "re2tal.bench.tadaconv:main",
     "bench all": "re2tal.bench.all:main",
     "bench gpu": "re2tal.bench.gpu:main",
+    "bench reports": "re2tal.bench.reports:main",
 }
+
+
+# subcommand -> its flags that name local paths, made absolute like the config's (see _base_dir_arg)
+PATH_FLAGS = {"eval": ("checkpoint", "json", "predictions"), "predict": ("model", "videos", "out"), "extract": ("videos", "out"),
+              "plan": ("json",),
+              "data prepare": ("annotations", "out", "video_root")}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="YAML", help="config file (see configs/ and the README's config reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 --set backbone.reversible=false (repeatable)")
+    _base_dir_arg(p)
+
+
+def _base_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-dir", metavar="DIR", help="relative local paths (in the config and in path flags) are relative to "
+                   "DIR (default: the current directory); a `ray job submit` job passes the directory it is submitted from: "
+                   "--base-dir $PWD")
 
 
 def _verbose_arg(p: argparse.ArgumentParser) -> None:
@@ -78,18 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation subset (mAP)",
-                       description="Predict on the validation subset with a checkpoint and compute mAP at the configured tIoU thresholds.")
+                       description="Predict the validation subset with a checkpoint (the Ray Data job of re2tal predict; local Ray "
+                                   "if no cluster) and compute mAP at the configured tIoU thresholds.")
     _config_args(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
     p.add_argument("--json", metavar="OUT", help="also write the metrics as JSON to OUT")
-    p.add_argument("--predictions", metavar="OUT", help="write the ActivityNet-format predictions to OUT")
+    p.add_argument("--predictions", metavar="OUT", help="write the ActivityNet-format predictions to OUT (per-video parts to "
+                   "OUT.parts/: a rerun predicts only what is missing)")
 
-    p = sub.add_parser("predict", help="detect action segments in one video",
-                       description="Run a checkpoint on one video (any fsspec URL) and print its segments as ActivityNet-format JSON.")
+    p = sub.add_parser("predict", help="detect action segments in every video of a collection (Ray Data job)",
+                       description="Run a trained model over a video, every video under a prefix, or the videos of an annotation "
+                                   "file, as a Ray Data job (local Ray if no cluster): decoding in read tasks on any node's CPUs, the "
+                                   "model in an actor pool (inference.* keys), the evaluation's windows. Writes an ActivityNet "
+                                   "submission to OUT and one result per video to OUT.parts/; run again, it predicts only the "
+                                   "videos without a result. Unreadable videos are listed and skipped.")
+    p.add_argument("--model", required=True, metavar="M", help="checkpoint directory written by re2tal train (local or s3://); "
+                   "its config.yaml is the model's config")
+    p.add_argument("--videos", required=True, metavar="V", help="a video URL, a prefix (every video file under it, e.g. "
+                   "s3://bucket/videos/) or an ActivityNet-format annotation file (*.json: the videos of --subset)")
+    p.add_argument("--out", required=True, metavar="OUT", help="the submission JSON to write (local or s3://)")
+    p.add_argument("--subset", help="with an annotation file: which subset (default: the model's data.val_subset)")
+    p.add_argument("--config", metavar="YAML", help="the model's config, instead of the checkpoint's config.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the model's config, e.g. --set inference.actors=4 (repeatable)")
+    _base_dir_arg(p)
+
+    p = sub.add_parser("extract", help="clip features of every video by a backbone, for feature-based heads (Ray Data job)",
+                       description="Run the config's backbone (backbone.pretrained: any weights file, e.g. one re2tal finetune "
+                                   "wrote) over clips of every video (extract.* keys) as a Ray Data job (local Ray if no cluster) "
+                                   "and write DIR/<video_id>.npy, float16 (clips, channels), and DIR/features.json. Run again, it "
+                                   "extracts only the videos without features. Unreadable videos are listed and skipped.")
     _config_args(p)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
-    p.add_argument("url", help="video URL (s3://, gs://, http(s)://, file:// or path)")
-    p.add_argument("--json", metavar="OUT", help="write the segments to OUT instead of stdout")
+    p.add_argument("--videos", metavar="V", help="a video URL, a prefix (every video file under it) or an annotation file "
+                   "(default: data.annotations, all subsets)")
+    p.add_argument("--subset", help="with an annotation file: only this subset (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (local or s3://)")
 
     p = sub.add_parser("plan", help="predict the per-worker peak memory of a training step (no GPU needed)",
                        description="Predict, without a GPU, the peak device memory of one training step per worker for the config "
@@ -142,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "video's url in the annotations, else next to the annotation file)")
     p.add_argument("--video-prefix", default="", metavar="P", help="with --video-root: file-name prefix (ActivityNet: v_)")
     p.add_argument("--video-ext", default="mp4", metavar="EXT", help="with --video-root: file extension (default mp4)")
+    _base_dir_arg(p)
 
-    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, map, tadaconv, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bench = sub.add_parser("bench", help="benchmarks writing JSON: memory, speed, loader, predict, map, tadaconv, reports, gpu").add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
@@ -164,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(re2tal data prepare), per core, with data.loader_threads 1..cores and with the ray_data loader on the local cores.")
     p.add_argument("--real", action="store_true", help="real-resolution decode costs instead (starts a local Ray: several minutes)")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
+    p = bench.add_parser("predict", help="videos/s of predict and extract with 1 and 2 CPU actors; how long the actors wait for decoding",
+                         description="Run the re2tal predict and re2tal extract jobs on the synthetic set (debug model, random weights) "
+                                     "on a local Ray with 1 and 2 CPU model actors: videos/s, the share of the actors' time spent "
+                                     "waiting for decoded input, decode and model seconds per video (a few minutes).")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("map", help="time of an ActivityNet-size mAP evaluation",
                          description="Time `re2tal map` on an ActivityNet-size problem (about 5,000 videos x 100 predictions, 200 classes, 10 thresholds).")
     p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
@@ -180,37 +226,50 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on the GPU. Writes DIR/gpu.json and DIR/gpu_memory.png; exit 2 without a GPU.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default), or cpu: a dry run of the same checks at tiny sizes, in seconds")
+    p = bench.add_parser("reports", help="step time of the debug config logging metrics every step vs never",
+                         description="Train one epoch of the debug config (2 Ray Train workers on CPU) with training metrics logged every "
+                                     "optimizer step and never, alternating, and compare the step times (several minutes).")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each (default 1)")
+    p.add_argument("--json", required=True, metavar="OUT", help="write results to OUT")
     p = bench.add_parser("all", help="run every benchmark into a folder")
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     return parser
 
 
-def _handler(key: str) -> Callable[[argparse.Namespace], int] | None:
-    target = HANDLERS[key]
-    if target is None:
-        return None
-    module, _, func = target.partition(":")
+def _handler(key: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = HANDLERS[key].partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _resolve_paths(args: argparse.Namespace, key: str) -> None:
+    """Relative local paths of the config and of the command's path flags made absolute against
+    --base-dir or the current directory (re2tal.training.paths: Ray Train workers run elsewhere,
+    and a Ray job in a temporary copy of its working directory)."""
+    from re2tal.training.paths import absolute_paths, resolve
+
+    base = getattr(args, "base_dir", None)
+    if hasattr(args, "cfg"):
+        args.cfg = absolute_paths(args.cfg, base)
+    for flag in PATH_FLAGS.get(key, ()):
+        if getattr(args, flag, None):
+            setattr(args, flag, resolve(getattr(args, flag), f"--{flag.replace('_', '-')}", base))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     key = " ".join(k for k in (args.command, getattr(args, "data_command", None), getattr(args, "bench_command", None)) if k)
+    if not getattr(args, "verbose", False):  # libraries' notes about themselves stay off the terminal
+        from re2tal import console
+
+        console.quiet_driver()
     try:
-        if hasattr(args, "config"):  # validate before anything starts
+        if getattr(args, "config", None):  # validate before anything starts
             args.cfg = load_config(args.config, args.overrides)
-        handler = _handler(key)
-        if handler is None:
-            print(f"re2tal {key}: not built yet", file=sys.stderr)
-            return 2
-        return int(handler(args) or 0)
+        _resolve_paths(args, key)
+        return int(_handler(key)(args) or 0)
     except BadInput as err:
         print(f"re2tal {key}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"re2tal {key}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
