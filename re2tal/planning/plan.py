@@ -152,10 +152,11 @@ class Planner:
                         backward_transient=step.transient, input_clip=clip * self.dtype.itemsize, phase_peaks=peaks)
 
     def largest_frames(self, mode: str, limit_bytes: int) -> int:
-        """The largest num_frames (a multiple of the temporal stride, at most MAX_FRAMES) whose
+        """The largest num_frames (a multiple of the backbone's `frame_multiple`: its temporal stride,
+        a ViT's chunk_frames; at most MAX_FRAMES) whose
         peak fits `limit_bytes`; 0 if not even one stride does. The peak grows with num_frames,
         about linearly: a bracketed secant search, usually 3-5 evaluations."""
-        stride = self.cfg.backbone.temporal_stride
+        stride = self.cfg.backbone.frame_multiple
         known: dict[int, int] = {}
         lo, hi = 0, None  # lo fits (0: nothing known to fit), hi does not
 
