@@ -331,8 +331,19 @@ def test_freeze_all_but_adapters_trains_only_them_and_refuses_re2():
     assert trained and all(n.startswith(("blocks.1.adapter.", "blocks.2.adapter.")) for n in trained)
     assert len(trained) == 2 * 9
     random_adapters(model)
-    _, _, grads = loss_grads(model, torch.randn(1, 3, 32, 32, 32))
+    x = torch.randn(1, 3, 32, 32, 32)
+    _, _, grads = loss_grads(model, x)
     assert set(grads) == trained
+    # kept: the inputs of the two adapter blocks (2 chunks x 8 x 2 x 2 tokens x 32 fp32); block 0 needs no graph
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    assert sum(kept.values()) == 2 * (2 * 8 * 2 * 2 * DIM * 4)
     with pytest.raises(ValueError, match="freeze: a frozen pretrained ViT must not be rewired"):
         BackboneConfig(reversible=True, freeze="all_but_adapters", **SIZES)
 

@@ -234,12 +234,15 @@ class CheckpointedForward:
 class CheckpointedSequential(nn.Sequential):
     """nn.Sequential whose blocks run under non-reentrant activation checkpointing when grads
     are needed: only each block's input is kept, the rest is recomputed in backward (RNG state
-    replayed, so drop path matches; BatchNorm statistics updated once). Same state-dict keys as
-    nn.Sequential."""
+    replayed, so drop path matches; BatchNorm statistics updated once). A block that needs no
+    graph (its input and parameters need no grad: the frozen blocks before AdaTAD's first adapter)
+    runs plainly, keeping nothing, as OpenTAD's `with_cp and x.requires_grad`; checkpointed it
+    would keep its input. Same state-dict keys as nn.Sequential."""
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = checkpointed(block, x) if torch.is_grad_enabled() else block(x)
+            graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
+            x = checkpointed(block, x) if graph else block(x)
         return x
 
 

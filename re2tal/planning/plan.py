@@ -292,6 +292,8 @@ def make_plan(cfg: Config, build_model: Callable[[Config], nn.Module], gpu_memor
     """The step's memory in each mode at the config's num_frames, and (search) the largest
     num_frames that fits gpu_memory_gb."""
     started = time.perf_counter()
+    if cfg.backbone.freeze != "none":  # a frozen ViT is not rewired (config validation refuses it)
+        modes = [m for m in modes if m != "reversible"]
     planner = Planner(cfg, build_model)
     out = {}
     for mode in modes:
