@@ -202,8 +202,9 @@ class VisionTransformer(Backbone):
     position table's grid (default: 16 frames x 224² in tubelets / patches)."""
 
     LAYOUT = "VideoMAE / VideoMAEv2 (mmaction's VisionTransformer, OpenTAD's converted files, or the release's)"
-    CLASSIFIER_KEYS = ("fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias", "head.weight", "head.bias",
-                       "cls_head.fc_cls.weight", "cls_head.fc_cls.bias")
+    # the release's classifier first: `re2tal finetune` writes its classifier there
+    CLASSIFIER_KEYS = ("head.weight", "head.bias", "cls_head.fc_cls.weight", "cls_head.fc_cls.bias", "fc_norm.weight", "fc_norm.bias",
+                       "norm.weight", "norm.bias")
 
     def __init__(self, embed_dim: int = 384, depth: int = 12, num_heads: int = 6, patch_size: int = 16, tubelet: int = 2,
                  mlp_ratio: float = 4.0, drop_path: float = 0.1, chunk_frames: int = 16, adapter_blocks: Sequence[int] | None = None,
