@@ -283,6 +283,7 @@ class VisionTransformer(Backbone):
         c, tokens, h, w = z.shape[1:]
         n = frames // self.chunk_frames
         t = tokens // n
-        z = z.view(b, c, n, t, h, w).permute(0, 2, 3, 4, 5, 1) + self.position_embedding(t, h, w)
+        # contiguous: the sum of a permuted view keeps its channels-first strides
+        z = (z.view(b, c, n, t, h, w).permute(0, 2, 3, 4, 5, 1) + self.position_embedding(t, h, w)).contiguous()
         z = self.blocks(z)  # B, n, t, h, w, C
         return z.reshape(b, n * t, h, w, c).permute(0, 4, 1, 2, 3)
