@@ -284,3 +284,22 @@ def test_bench_gpu_without_a_gpu_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
     assert not (tmp_path / "gpu").exists()
+
+
+def test_plan_of_an_adatad_vit_has_no_re2_column_and_counts_only_adapter_blocks():
+    """A ViT frozen but for its adapters is not rewired (the config refuses Re² with freeze), so
+    the plan leaves that column out; checkpointed, it keeps the inputs of the blocks from the first
+    adapter on (the frozen blocks before it need no graph)."""
+    from re2tal.planning.plan import make_plan
+
+    vit = {"backbone.name": "vit_s", "backbone.embed_dim": 32, "backbone.num_heads": [2], "backbone.depths": [4], "backbone.patch_size": [2, 16, 16],
+           "backbone.reversible": False, "backbone.activation_checkpointing": True, "backbone.freeze": "all_but_adapters",
+           "backbone.pretrained": None, "data.num_frames": 32}
+    kept = {}
+    for first in (1, 3):
+        cfg = load_config(DEBUG).with_overrides({**vit, "backbone.adapter": {"blocks": list(range(first, 4))}})
+        plan = make_plan(cfg, build_localizer, 80, search=False)
+        assert list(plan.modes) == ["standard", "checkpoint"]
+        kept[first] = plan.modes["checkpoint"].activations_backbone
+    block_input = 32 * 2 * 8 * 4 * 4 * 4  # channels x 2 chunks x 8 x 4 x 4 tokens (64 px, patch 16), fp32
+    assert kept[1] - kept[3] == 2 * block_input
