@@ -367,3 +367,21 @@ def test_vit_config_defaults_and_checks():
                          ({"name": "vit_b", "freeze": "all_but_adapters", "adapter": {}}, "must not be rewired")):
         with pytest.raises(ValueError, match=message):
             BackboneConfig(**bad)
+
+
+def test_re2_vit_with_frozen_patch_embedding_keeps_only_its_two_streams():
+    """Re² with `frozen_stages: 0` (the patch embedding frozen, the blocks all trained): kept for
+    backward are the reversible stage's two tensors (y, b_n), not the clip, not any block's."""
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(reversible=True, frozen_stages=0, **SIZES)).train()
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(torch.randn(1, 3, 32, 32, 32))
+    y.sum().backward()
+    assert sum(kept.values()) == 2 * (2 * 8 * 2 * 2 * DIM * 4)  # 2 chunks x 8 x 2 x 2 tokens x 32 fp32, twice
+    assert model.patch_embed.projection.weight.grad is None and model.blocks[0].attn.qkv.weight.grad is not None

@@ -226,7 +226,10 @@ class CheckpointedForward:
 
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         forward = MethodType(type(self.module).forward, self.module)
-        if not torch.is_grad_enabled():
+        # without a graph to build (frozen module, constant input: a frozen patch embedding) a
+        # checkpoint would only keep the inputs
+        graph = any(not isinstance(t, Tensor) or t.requires_grad for t in inputs) or any(p.requires_grad for p in self.module.parameters())
+        if not torch.is_grad_enabled() or not graph:
             return forward(*inputs)
         return checkpointed(forward, *inputs, modules=[self.module])
 
