@@ -211,15 +211,17 @@ class AugmentConfig(Section):
 
 
 BackboneName = Literal["swin_t", "swin_s", "swin_b", "pst_t", "slowfast_r50", "slowfast_r101", "tada2d_r50",
-                       "r2plus1d_18", "r3d_18", "mc3_18", "mvit_v2_s"]
+                       "r2plus1d_18", "r3d_18", "mc3_18", "mvit_v2_s", "vit_s", "vit_b", "vit_l", "vit_h", "vit_g"]
 SWIN_FAMILY = ("swin_t", "swin_s", "swin_b", "pst_t")
 VIDEO_RESNETS = ("r2plus1d_18", "r3d_18", "mc3_18")
+VITS = ("vit_s", "vit_b", "vit_l", "vit_h", "vit_g")
 # backbones whose sizes are depths / embed_dim / num_heads (transformers)
-TRANSFORMERS = (*SWIN_FAMILY, "mvit_v2_s")
+TRANSFORMERS = (*SWIN_FAMILY, "mvit_v2_s", *VITS)
 # blocks per stage of each backbone, when the config gives none
 DEFAULT_DEPTHS = {"swin_t": [2, 2, 6, 2], "swin_s": [2, 2, 18, 2], "swin_b": [2, 2, 18, 2], "pst_t": [2, 2, 6, 2],
                   "slowfast_r50": [3, 4, 6, 3], "slowfast_r101": [3, 4, 23, 3], "tada2d_r50": [3, 4, 6, 3],
-                  "r2plus1d_18": [2, 2, 2, 2], "r3d_18": [2, 2, 2, 2], "mc3_18": [2, 2, 2, 2], "mvit_v2_s": [1, 2, 11, 2]}
+                  "r2plus1d_18": [2, 2, 2, 2], "r3d_18": [2, 2, 2, 2], "mc3_18": [2, 2, 2, 2], "mvit_v2_s": [1, 2, 11, 2],
+                  "vit_s": [12], "vit_b": [12], "vit_l": [24], "vit_h": [32], "vit_g": [40]}
 # attention window of each Swin, when the config gives none (pst_t: 2-D windows of each frame)
 DEFAULT_WINDOW = {"swin_t": (8, 7, 7), "swin_s": (8, 7, 7), "swin_b": (8, 7, 7), "pst_t": (1, 7, 7)}
 # other sizes and settings of the published models (torchvision's swin3d_b, mvit_v2_s, video
@@ -228,7 +230,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "swin_b": {"embed_dim": 128, "num_heads": [4, 8, 16, 32]},
     "mvit_v2_s": {"num_heads": [1, 2, 4, 8], "drop_path": 0.2, "pixel_mean": (0.45, 0.45, 0.45), "pixel_std": (0.225, 0.225, 0.225)},
     **{name: {"pixel_mean": (0.43216, 0.394666, 0.37645), "pixel_std": (0.22803, 0.22145, 0.216989)} for name in VIDEO_RESNETS},
+    # VideoMAE ViT-S / B / L / H (patch 16) and VideoMAEv2 ViT-g (patch 14), tubelet 2
+    "vit_s": {"embed_dim": 384, "num_heads": [6], "patch_size": (2, 16, 16)},
+    "vit_b": {"embed_dim": 768, "num_heads": [12], "patch_size": (2, 16, 16)},
+    "vit_l": {"embed_dim": 1024, "num_heads": [16], "patch_size": (2, 16, 16)},
+    "vit_h": {"embed_dim": 1280, "num_heads": [16], "patch_size": (2, 16, 16)},
+    "vit_g": {"embed_dim": 1408, "num_heads": [16], "patch_size": (2, 14, 14), "mlp_ratio": 48 / 11},
 }
+
+
+class AdapterConfig(Section):
+    """vit_*: AdaTAD's temporal adapters after chosen blocks (down-projection, depth-wise temporal
+    conv k=3 over the whole video, zero-initialised up-projection)."""
+
+    ratio: PositiveFloat = Field(0.25, description="Hidden channels of an adapter as a fraction of the block's.")
+    blocks: list[NonNegativeInt] | None = Field(None, description="Indices of the blocks followed by an adapter (AdaTAD: all of ViT-S / B / L / H; 20-39 of ViT-g). None: every block.")
 
 
 class PatchShiftConfig(Section):
@@ -242,19 +258,23 @@ class PatchShiftConfig(Section):
 class BackboneConfig(Section):
     """The video backbone, its weights and how it is run (reversible or not)."""
 
-    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101), tada2d_r50 (TAda2D ResNet-50, TAdaConv in every bottleneck, temporal stride 1); swin_s / swin_b (Video Swin-S / B, torchvision's swin3d_s / swin3d_b sizes; patch_shift as on swin_t), r2plus1d_18 / r3d_18 / mc3_18 (torchvision's video ResNet-18s), mvit_v2_s (MViTv2-S, torchvision's mvit_v2_s; features from the last stage's tokens); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast / Re²TAda2D and the Re² versions of the others.")
+    name: BackboneName = Field("swin_t", description="Backbone: swin_t (Video Swin-T; with patch_shift, TPS in its 3-D windows, ours), pst_t (PST-T as its authors built it: 2-D windows per frame, temporal patch and channel shifts), slowfast_r50 / slowfast_r101 (SlowFast ResNet-50 / 101), tada2d_r50 (TAda2D ResNet-50, TAdaConv in every bottleneck, temporal stride 1); swin_s / swin_b (Video Swin-S / B, torchvision's swin3d_s / swin3d_b sizes; patch_shift as on swin_t), r2plus1d_18 / r3d_18 / mc3_18 (torchvision's video ResNet-18s), mvit_v2_s (MViTv2-S, torchvision's mvit_v2_s; features from the last stage's tokens), vit_s / vit_b / vit_l / vit_h (VideoMAE ViT-S / B / L / H, patch 16) and vit_g (VideoMAEv2 ViT-g, patch 14): joint space-time attention within chunks of chunk_frames frames, optionally with AdaTAD's temporal adapters (`adapter`); with reversible=true, Re²Swin-T / Re²PST-T / Re²SlowFast / Re²TAda2D and the Re² versions of the others.")
     reversible: bool = Field(True, description="Rewire into reversible stages (Re²TAL): activations are recomputed in backward, not stored.")
     activation_checkpointing: bool = Field(False, description="Per-block activation checkpointing (the non-reversible way to save memory).")
     fp32_streams: bool = Field(True, description="Reversible: keep the two residual streams in fp32 while blocks run in low precision (exact reconstruction). False keeps them in the compute precision, half the bytes, but reconstruction drifts (bf16, trained Re²Swin: 1-2% per stage, gradients 1-9% off; README, `re2tal plan`).")
     piece_size: NonNegativeInt | None = Field(None, description="Reversible: residual functions that are local along a dimension run piece by piece in the forward and in the backward's recomputation, in pieces of at most this many elements of the stage tensor (rounded to whole windows / samples, at least one): MLP branches along tokens, window attention in whole windows along T (swin_*, not with patch_shift) or H (pst_t), the bottlenecks of slowfast_* / tada2d_r50 / the video ResNets along the batch when their BatchNorm is frozen (norm_eval, frozen_stages, eval mode). The backward's transient is then one piece's instead of the stage's; gradients are the same up to float rounding. None: 2^24 on a GPU (smaller pieces leave its kernels launch-bound), 2^20 on a CPU; 0: every function whole.")
-    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation); for swin_t and slowfast_* also an mmaction Recognizer3D checkpoint (`state_dict` with `backbone.*`; `cls_head.*` dropped): mmaction's Video Swin-T / SlowFast Kinetics files, or the Re²TAL authors' Re²Swin-T / Re²SlowFast-101 (`SwinTransformer3D_inv` / `ResNet3dSlowFast_inv`, which need reversible=true); for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation); for swin_s / swin_b, r2plus1d_18 / r3d_18 / mc3_18 and mvit_v2_s torchvision's state dict of the same name (swin3d_s / swin3d_b, ...; classifier dropped). None: random init.")
-    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Transformers (swin_*, pst_t, mvit_v2_s): stochastic depth rate (linearly increasing over blocks). Default 0.1, mvit_v2_s 0.2 (torchvision's).")
-    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each).")
+    pretrained: str | None = Field(None, description="Path / URL of pretrained weights, loaded as is, classifier dropped: for swin_t (also with patch_shift) a torchvision swin3d_t state dict (e.g. the Swin3D_T_Weights.KINETICS400_V1 file), for pst_t the TPS authors' mmaction checkpoint (SwinTransformer2D_TPS, e.g. their Kinetics-400 PST-T; `backbone.` stripped, `cls_head.*` dropped), for slowfast_* a pytorchvideo slowfast_r50 / slowfast_r101 state dict (its model zoo's Kinetics checkpoints; with tadaconv the route functions keep their initialisation); for swin_t and slowfast_* also an mmaction Recognizer3D checkpoint (`state_dict` with `backbone.*`; `cls_head.*` dropped): mmaction's Video Swin-T / SlowFast Kinetics files, or the Re²TAL authors' Re²Swin-T / Re²SlowFast-101 (`SwinTransformer3D_inv` / `ResNet3dSlowFast_inv`, which need reversible=true); for tada2d_r50 an official TAdaConv TAda2D checkpoint ({model_state: {backbone.*, head.*}}) or a torchvision resnet50 state dict (ImageNet; route functions and temporal aggregation keep their zero initialisation); for swin_s / swin_b, r2plus1d_18 / r3d_18 / mc3_18 and mvit_v2_s torchvision's state dict of the same name (swin3d_s / swin3d_b, ...; classifier dropped); for vit_* a VideoMAE / VideoMAEv2 file as OpenTAD's AdaTAD loads it (mmaction's VisionTransformer keys, e.g. OpenTAD's converted `vit-giant-p14_videomaev2-hybrid_pt_1200e_k710_ft_my.pth`, bare or in an mmaction checkpoint) or the release's (`vit_g_hybrid_pt_1200e_k710_ft.pth`: `patch_embed.proj`, `mlp.fc1 / fc2`, mapped on loading); adapters absent from the file keep their initialisation. None: random init.")
+    drop_path: float = Field(0.1, ge=0.0, lt=1.0, description="Transformers (swin_*, pst_t, mvit_v2_s, vit_*): stochastic depth rate (linearly increasing over blocks; vit_*: one mask per chunk, as AdaTAD, also in frozen blocks). Default 0.1, mvit_v2_s 0.2 (torchvision's).")
+    frozen_stages: int = Field(-1, ge=-1, description="Stages whose parameters are frozen and kept in eval mode, i.e. without drop path or BatchNorm updates (-1: none, 0: the stem / patch embedding, k: the stem + first k stages with the patch merging / fusion after each; vit_*: 0 the patch embedding, 1 everything). AdaTAD's frozen ViT is `freeze: all_but_adapters`.")
     norm_eval: bool = Field(False, description="Keep BatchNorm layers in eval mode (running statistics frozen) during training, as OpenTAD for slowfast_*. No effect on the transformers (swin_*, pst_t, mvit_v2_s): LayerNorm acts the same in train and eval.")
-    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage. Default: the backbone's (swin_t / pst_t 2-2-6-2, swin_s / swin_b 2-2-18-2, slowfast_r50 3-4-6-3, slowfast_r101 3-4-23-3, video ResNet-18s 2-2-2-2, mvit_v2_s 1-2-11-2: each stage after the first starts with its query-pooling block).")
-    embed_dim: PositiveInt = Field(96, description="swin_* / pst_t / mvit_v2_s: channels of the first stage (Swin-T / S, MViTv2-S: 96; swin_b: 128, its default).")
-    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_* / pst_t / mvit_v2_s: attention heads per stage. Default 3-6-12-24; swin_b 4-8-16-32, mvit_v2_s 1-2-4-8.")
-    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_* / pst_t: patch embedding size (T, H, W).")
+    depths: list[PositiveInt] = Field([2, 2, 6, 2], min_length=1, description="Blocks per stage. Default: the backbone's (swin_t / pst_t 2-2-6-2, swin_s / swin_b 2-2-18-2, slowfast_r50 3-4-6-3, slowfast_r101 3-4-23-3, video ResNet-18s 2-2-2-2, mvit_v2_s 1-2-11-2: each stage after the first starts with its query-pooling block; vit_s / b / l / h / g one stage of 12 / 12 / 24 / 32 / 40 blocks).")
+    embed_dim: PositiveInt = Field(96, description="swin_* / pst_t / mvit_v2_s / vit_*: channels of the first stage (Swin-T / S, MViTv2-S: 96; swin_b: 128, its default; vit_s / b / l / h / g: 384 / 768 / 1024 / 1280 / 1408).")
+    num_heads: list[PositiveInt] = Field([3, 6, 12, 24], min_length=1, description="swin_* / pst_t / mvit_v2_s / vit_*: attention heads per stage. Default 3-6-12-24; swin_b 4-8-16-32, mvit_v2_s 1-2-4-8; vit_s / b / l / h / g [6] / [12] / [16] / [16] / [16].")
+    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((2, 4, 4), description="swin_* / pst_t / vit_*: patch embedding size (T, H, W). Default: the backbone's (swin_* / pst_t 2-4-4; vit_s / b / l / h 2-16-16, vit_g 2-14-14: tubelet 2).")
+    mlp_ratio: PositiveFloat = Field(4.0, description="vit_*: hidden channels of the MLPs per channel (vit_g: 48 / 11, the others 4).")
+    chunk_frames: PositiveInt = Field(16, description="vit_*: attention runs within chunks of this many frames (the clip length the weights saw; AdaTAD: 16), the chunks of a video batched, their features concatenated in time. data.num_frames must be a multiple.")
+    adapter: AdapterConfig | None = Field(None, description="vit_*: AdaTAD's temporal adapters. None: a plain ViT.")
+    freeze: Literal["none", "all_but_adapters"] = Field("none", description="vit_*: `all_but_adapters` trains only the adapters (and the head), as AdaTAD; needs `adapter` and reversible=false (Re² changes the function, so a frozen pretrained ViT must not be rewired).")
     window_size: tuple[PositiveInt, PositiveInt, PositiveInt] = Field((8, 7, 7), description="swin_* / pst_t: attention window (T, H, W). Default: the backbone's (swin_* 8-7-7; pst_t 1-7-7, T must be 1).")
     alpha: PositiveInt = Field(4, description="slowfast_*: frames per slow-pathway frame (the fast pathway sees all); the output has T / alpha steps.")
     fusion_kernel: PositiveInt | None = Field(None, description="slowfast_*: temporal size of the fast-to-slow fusion convs (odd). None: that of the `pretrained` file's fusion convs, without one pytorchvideo's (r50: 7, r101: 5; mmaction's R101 file and the Re²TAL authors' Re²SlowFast-101 have 7).")
@@ -285,6 +305,20 @@ class BackboneConfig(Section):
     def _consistent(self) -> "BackboneConfig":
         if self.reversible and self.activation_checkpointing:
             raise ValueError("activation_checkpointing: cannot be combined with reversible=true (reversible stages already recompute activations)")
+        if self.name in VITS:
+            if len(self.depths) != 1:
+                raise ValueError(f"depths: {self.name} has one stage of blocks, e.g. [{DEFAULT_DEPTHS[self.name][0]}], got {self.depths}")
+            if self.chunk_frames % self.patch_size[0]:
+                raise ValueError(f"chunk_frames: {self.chunk_frames} is not a multiple of the tubelet size {self.patch_size[0]}")
+            if self.adapter is not None and self.adapter.blocks and max(self.adapter.blocks) >= self.depths[0]:
+                raise ValueError(f"adapter.blocks: block {max(self.adapter.blocks)} does not exist ({self.depths[0]} blocks)")
+        elif self.adapter is not None or self.freeze != "none":
+            raise ValueError(f"{'adapter' if self.adapter is not None else 'freeze'}: only vit_* take temporal adapters, not {self.name}")
+        if self.freeze != "none":
+            if self.reversible:
+                raise ValueError("freeze: a frozen pretrained ViT must not be rewired (Re² changes the function); set reversible: false with freeze, or freeze: none")
+            if self.adapter is None:
+                raise ValueError("freeze: all_but_adapters needs backbone.adapter (nothing else would train)")
         if self.name in TRANSFORMERS:
             if len(self.depths) != len(self.num_heads):
                 raise ValueError(f"num_heads: has {len(self.num_heads)} entries but depths has {len(self.depths)}")
@@ -320,13 +354,18 @@ class BackboneConfig(Section):
             return 2 ** (len(self.depths) - 1)
         if self.name == "mvit_v2_s":  # its patch embedding
             return 2
-        return self.patch_size[0] if self.name in SWIN_FAMILY else self.alpha
+        return self.patch_size[0] if self.name in (*SWIN_FAMILY, *VITS) else self.alpha
+
+    @property
+    def frame_multiple(self) -> int:
+        """What data.num_frames must be a multiple of: the temporal stride, for vit_* chunk_frames."""
+        return self.chunk_frames if self.name in VITS else self.temporal_stride
 
     @property
     def spatial_stride(self) -> int:
         """Input pixels per output feature cell (patch size or stride 4 after the stem (+ max pool or
         TAda2D's strided res2; the video resnets' stem: 2), x 2 per later stage)."""
-        first = self.patch_size[1] if self.name in SWIN_FAMILY else 2 if self.name in VIDEO_RESNETS else 4
+        first = self.patch_size[1] if self.name in (*SWIN_FAMILY, *VITS) else 2 if self.name in VIDEO_RESNETS else 4
         return first * 2 ** (len(self.depths) - 1)
 
     @property
@@ -680,8 +719,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
         d, b = self.data, self.backbone
-        if d.num_frames % b.temporal_stride:
-            raise ValueError(f"data.num_frames: {d.num_frames} is not divisible by the backbone's temporal stride {b.temporal_stride} ({b.name})")
+        if d.num_frames % b.frame_multiple:
+            what = "chunk_frames" if b.name in VITS else "temporal stride"
+            raise ValueError(f"data.num_frames: {d.num_frames} is not divisible by the backbone's {what} {b.frame_multiple} ({b.name})")
         if d.frame_size % b.spatial_stride:
             raise ValueError(f"data.frame_size: {d.frame_size} is not divisible by {b.spatial_stride}, the spatial stride of {b.name}")
         if self.deepspeed.precision == "fp16" and not self.train.use_gpu:

@@ -46,16 +46,26 @@ def profiled_peak(step) -> int:
     return peak
 
 
+# A reduced ViT-S with AdaTAD adapters after its last 4 blocks, its patch embedding frozen (as
+# AdaTAD's): the CPU's backward of a (2, 16, 16) conv's weight allocates a workspace of ~4x the
+# weight outside the dispatcher, which the plan does not see (on a GPU: cuDNN's workspace).
+VIT_SMALL = {"embed_dim": 96, "num_heads": [4], "depths": [6], "adapter": {"blocks": [2, 3, 4, 5]}, "frozen_stages": 0}
+
+
 @pytest.mark.parametrize("backbone,mode,piece_size", [("swin_t", "standard", None), ("swin_t", "reversible", 0),
                                                       ("swin_t", "reversible", 2**14), ("slowfast_r50", "standard", None),
-                                                      ("slowfast_r50", "reversible", None)])
+                                                      ("slowfast_r50", "reversible", None), ("vit_s", "checkpoint", None),
+                                                      ("vit_s", "reversible", 2**14)])
 def test_plan_counts_what_a_real_cpu_step_keeps_and_peaks_at(backbone, mode, piece_size):
     """Activations: bench memory's saved-tensor count of a real step, within 2%; peak: the
     profiler's high-water mark of live tensors of a real step, within 10%; for Re²Swin with whole
     functions and in pieces (2^14 elements: a frame of the MLP branches, a window group of 8
-    frames of attention, 16 frames cut at 8, shifted at 4 and 12), whose peak is far lower."""
+    frames of attention, 16 frames cut at 8, shifted at 4 and 12), whose peak is far lower; for a
+    reduced ViT with adapters, checkpointed and Re² (pieces: one 16-frame chunk of attention and
+    MLP, one row of tokens of the adapters)."""
     shape = (1, 3, 32 if piece_size else 16, 64, 64)
-    spec = {"seed": 0, "device": "cpu", "backbone": backbone, "mode": mode, "input_shape": list(shape), "piece_size": piece_size}
+    spec = {"seed": 0, "device": "cpu", "backbone": backbone, "mode": mode, "input_shape": list(shape), "piece_size": piece_size,
+            "overrides": VIT_SMALL if backbone == "vit_s" else None}
     model, x = build_model(spec)
     runner = Runner(model, x, "fp32")
     runner.step()  # shape caches, lazy initialisation
@@ -274,3 +284,22 @@ def test_bench_gpu_without_a_gpu_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
     assert not (tmp_path / "gpu").exists()
+
+
+def test_plan_of_an_adatad_vit_has_no_re2_column_and_counts_only_adapter_blocks():
+    """A ViT frozen but for its adapters is not rewired (the config refuses Re² with freeze), so
+    the plan leaves that column out; checkpointed, it keeps the inputs of the blocks from the first
+    adapter on (the frozen blocks before it need no graph)."""
+    from re2tal.planning.plan import make_plan
+
+    vit = {"backbone.name": "vit_s", "backbone.embed_dim": 32, "backbone.num_heads": [2], "backbone.depths": [4], "backbone.patch_size": [2, 16, 16],
+           "backbone.reversible": False, "backbone.activation_checkpointing": True, "backbone.freeze": "all_but_adapters",
+           "backbone.pretrained": None, "data.num_frames": 32}
+    kept = {}
+    for first in (1, 3):
+        cfg = load_config(DEBUG).with_overrides({**vit, "backbone.adapter": {"blocks": list(range(first, 4))}})
+        plan = make_plan(cfg, build_localizer, 80, search=False)
+        assert list(plan.modes) == ["standard", "checkpoint"]
+        kept[first] = plan.modes["checkpoint"].activations_backbone
+    block_input = 32 * 2 * 8 * 4 * 4 * 4  # channels x 2 chunks x 8 x 4 x 4 tokens (64 px, patch 16), fp32
+    assert kept[1] - kept[3] == 2 * block_input

@@ -1,6 +1,7 @@
 """Video backbones: Video Swin-T / S / B (optionally with TPS in their 3-D windows, ours), PST-T
 as its authors built it, SlowFast-R50 / R101 (with or without TAdaConv), TAda2D-R50, torchvision's
-video ResNet-18s (R(2+1)D, R3D, MC3) and MViTv2-S, standard or Re² reversible.
+video ResNet-18s (R(2+1)D, R3D, MC3), MViTv2-S and the VideoMAE(v2) ViTs with AdaTAD's temporal
+adapters, standard or Re² reversible.
 `build_backbone(cfg.backbone)` is the entry point."""
 
 from re2tal.backbones.build import (
@@ -19,6 +20,7 @@ from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinBlock, SwinTransformer3d
 from re2tal.backbones.tada import RouteFunc, TAda2D, TAdaConv2d
 from re2tal.backbones.video_resnet import VideoResNet
+from re2tal.backbones.vit import VisionTransformer
 
 __all__ = [
     "PATTERNS",
@@ -34,6 +36,7 @@ __all__ = [
     "TAdaConv2d",
     "TemporalPatchShift",
     "VideoResNet",
+    "VisionTransformer",
     "apply_activation_checkpointing",
     "apply_frozen_stages",
     "apply_norm_eval",

@@ -27,13 +27,14 @@ from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.swin import SwinTransformer3d
 from re2tal.backbones.tada import TAda2D
 from re2tal.backbones.video_resnet import VideoResNet
+from re2tal.backbones.vit import VisionTransformer
 from re2tal.config import BackboneConfig, PatchShiftConfig, StorageConfig
 from re2tal.data.storage import filesystem
 from re2tal.errors import BadInput
 from re2tal.rev import RevStage, checkpointed
 
 # keys under which checkpoint files hold the model's state dict
-WRAPPER_KEYS = ("model_state", "state_dict", "model")
+WRAPPER_KEYS = ("model_state", "state_dict", "model", "module")
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +68,14 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
                 model = VideoResNet(cfg.name, depths=cfg.depths)
             case "mvit_v2_s":
                 model = MViT(embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads, drop_path=cfg.drop_path)
+            case "vit_s" | "vit_b" | "vit_l" | "vit_h" | "vit_g":
+                opts = VisionTransformer.checkpoint_options(state) if state is not None else {}
+                adapter = cfg.adapter
+                blocks = None if adapter is None else adapter.blocks if adapter.blocks is not None else range(cfg.depths[0])
+                model = VisionTransformer(embed_dim=cfg.embed_dim, depth=cfg.depths[0], num_heads=cfg.num_heads[0],
+                                          patch_size=cfg.patch_size[1], tubelet=cfg.patch_size[0], mlp_ratio=cfg.mlp_ratio,
+                                          drop_path=cfg.drop_path, chunk_frames=cfg.chunk_frames, adapter_blocks=blocks,
+                                          adapter_ratio=adapter.ratio if adapter is not None else 0.25, **opts)
             case _:
                 raise BadInput(f"backbone.name: unknown backbone {cfg.name!r}")
     if state is not None:
@@ -79,6 +88,8 @@ def build_backbone(cfg: BackboneConfig, storage: StorageConfig | None = None) ->
     elif cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_frozen_stages(model, cfg.frozen_stages)
+    if cfg.freeze == "all_but_adapters":
+        apply_freeze_all_but_adapters(model)
     if cfg.norm_eval:
         apply_norm_eval(model)
     return model
@@ -118,7 +129,8 @@ def written_reversible(meta: dict) -> bool:
 def read_checkpoint(url: str, storage: StorageConfig | None = None) -> tuple[dict[str, Tensor], dict]:
     """The flat state dict of a weight file (path or fsspec URL) and its `meta` dict ({} if
     none). A file holding {"model_state" | "state_dict" | "model": state dict, "meta": ...} is
-    unwrapped (pytorchvideo's .pyth: model_state; mmaction's and re2tal finetune's: state_dict).
+    unwrapped (pytorchvideo's .pyth: model_state; mmaction's and re2tal finetune's: state_dict;
+    the VideoMAE(v2) releases': model / module).
     BadInput names what is wrong."""
     fs, path = filesystem(url, storage or StorageConfig())
     try:
@@ -214,7 +226,10 @@ class CheckpointedForward:
 
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         forward = MethodType(type(self.module).forward, self.module)
-        if not torch.is_grad_enabled():
+        # without a graph to build (frozen module, constant input: a frozen patch embedding) a
+        # checkpoint would only keep the inputs
+        graph = any(not isinstance(t, Tensor) or t.requires_grad for t in inputs) or any(p.requires_grad for p in self.module.parameters())
+        if not torch.is_grad_enabled() or not graph:
             return forward(*inputs)
         return checkpointed(forward, *inputs, modules=[self.module])
 
@@ -222,12 +237,15 @@ class CheckpointedForward:
 class CheckpointedSequential(nn.Sequential):
     """nn.Sequential whose blocks run under non-reentrant activation checkpointing when grads
     are needed: only each block's input is kept, the rest is recomputed in backward (RNG state
-    replayed, so drop path matches; BatchNorm statistics updated once). Same state-dict keys as
-    nn.Sequential."""
+    replayed, so drop path matches; BatchNorm statistics updated once). A block that needs no
+    graph (its input and parameters need no grad: the frozen blocks before AdaTAD's first adapter)
+    runs plainly, keeping nothing, as OpenTAD's `with_cp and x.requires_grad`; checkpointed it
+    would keep its input. Same state-dict keys as nn.Sequential."""
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            x = checkpointed(block, x) if torch.is_grad_enabled() else block(x)
+            graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
+            x = checkpointed(block, x) if graph else block(x)
         return x
 
 
@@ -251,6 +269,15 @@ def apply_frozen_stages(model: Backbone, frozen_stages: int) -> None:
         model.get_submodule(name).requires_grad_(False)
     model.eval_modules += names
     model.train(model.training)
+
+
+def apply_freeze_all_but_adapters(model: VisionTransformer) -> None:
+    """AdaTAD's `_freeze_layers`: every parameter but the adapters' stops training. The frozen
+    blocks stay in training mode, as AdaTAD's drop path does (the ViT has no BatchNorm and no
+    dropout, so nothing else differs)."""
+    adapters = tuple(name + "." for name in model.adapter_names())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(adapters))
 
 
 def apply_norm_eval(model: Backbone) -> None:

@@ -10,6 +10,8 @@ keys are renamed or tensors reshaped on loading (`load_pretrained` calls `to_mod
   (zero) initialisation.
 - SlowFast with TAdaConv from a pytorchvideo file: keys unchanged; the route functions
   `conv_b_rf` keep their initialisation.
+- VideoMAE / VideoMAEv2 ViTs (vit.py maps their names): AdaTAD's adapters are not in the file and
+  keep their initialisation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from re2tal.backbones.base import Backbone
 from re2tal.backbones.slowfast import SlowFast
 from re2tal.backbones.tada import RouteFunc, TAda2D, ZeroInitBatchNorm3d
+from re2tal.backbones.vit import Adapter, VisionTransformer
 
 State = dict[str, Tensor]
 OFFICIAL_PREFIX = "backbone."
@@ -40,6 +43,8 @@ def to_model_layout(model: Backbone, state: State) -> tuple[State, list[str]]:
                 return resnet_to_tada2d(state), _names(model, (RouteFunc, ZeroInitBatchNorm3d))
         case SlowFast():
             return state, _names(model, (RouteFunc,))
+        case VisionTransformer():  # a VideoMAE file has no adapters
+            return state, _names(model, (Adapter,))
     return state, []
 
 

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("memory", "activation bytes and peak memory"), ("speed", "forward+backward step time")):
         p = bench.add_parser(name, help=f"{what}: standard vs checkpointing vs reversible",
                              description=f"{what.capitalize()} of a synthetic residual stage or a backbone, in three modes: standard (plain autograd), checkpoint (per-block activation checkpointing), reversible.")
-        p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, swin_s, swin_b, pst_t, slowfast_r50, slowfast_r101, tada2d_r50, r2plus1d_18, r3d_18, mc3_18, mvit_v2_s) instead of a synthetic stage")
+        p.add_argument("--backbone", metavar="NAME", help="a backbone (swin_t, swin_s, swin_b, pst_t, slowfast_r50, slowfast_r101, tada2d_r50, r2plus1d_18, r3d_18, mc3_18, mvit_v2_s, vit_s, vit_b, vit_l, vit_h, vit_g) instead of a synthetic stage")
         p.add_argument("--stage-blocks", type=int, default=12, metavar="N", help="synthetic stage: residual functions (default 12)")
         p.add_argument("--width", type=int, default=96, metavar="C", help="synthetic stage: channels (default 96)")
         p.add_argument("--frames", default="32", metavar="T[,T...]", help="input frames, or a comma list of frame counts to run each (default 32)")

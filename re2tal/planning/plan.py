@@ -152,10 +152,11 @@ class Planner:
                         backward_transient=step.transient, input_clip=clip * self.dtype.itemsize, phase_peaks=peaks)
 
     def largest_frames(self, mode: str, limit_bytes: int) -> int:
-        """The largest num_frames (a multiple of the temporal stride, at most MAX_FRAMES) whose
+        """The largest num_frames (a multiple of the backbone's `frame_multiple`: its temporal stride,
+        a ViT's chunk_frames; at most MAX_FRAMES) whose
         peak fits `limit_bytes`; 0 if not even one stride does. The peak grows with num_frames,
         about linearly: a bracketed secant search, usually 3-5 evaluations."""
-        stride = self.cfg.backbone.temporal_stride
+        stride = self.cfg.backbone.frame_multiple
         known: dict[int, int] = {}
         lo, hi = 0, None  # lo fits (0: nothing known to fit), hi does not
 
@@ -291,6 +292,8 @@ def make_plan(cfg: Config, build_model: Callable[[Config], nn.Module], gpu_memor
     """The step's memory in each mode at the config's num_frames, and (search) the largest
     num_frames that fits gpu_memory_gb."""
     started = time.perf_counter()
+    if cfg.backbone.freeze != "none":  # a frozen ViT is not rewired (config validation refuses it)
+        modes = [m for m in modes if m != "reversible"]
     planner = Planner(cfg, build_model)
     out = {}
     for mode in modes:

@@ -111,9 +111,10 @@ def extract(cfg: Config, videos: list[Video], out: str, progress: bool = True) -
     from re2tal.raycluster import init_ray
 
     e, d = cfg.extract, cfg.data
-    stride = cfg.backbone.temporal_stride
+    stride = cfg.backbone.frame_multiple
     if e.clip_frames % stride:
-        raise BadInput(f"extract.clip_frames: {e.clip_frames} is not divisible by {cfg.backbone.name}'s temporal stride {stride}")
+        raise BadInput(f"extract.clip_frames: {e.clip_frames} is not divisible by {stride}, {cfg.backbone.name}'s "
+                       f"{'chunk_frames' if stride != cfg.backbone.temporal_stride else 'temporal stride'}")
     backbone = build_backbone(cfg.backbone, cfg.storage).eval()  # here: a bad backbone.pretrained stops the job before it starts
     init_ray()
     job = Extract(cfg, ray.put(backbone), out, cfg.inference.batch_size or DEFAULT_BATCH)
