@@ -12,7 +12,7 @@ from pytorchvideo.models.hub.slowfast import slowfast_r50, slowfast_r101
 from torchvision.models.video import swin3d_t
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
-from re2tal.backbones import PATTERNS, SlowFast, TemporalPatchShift, build_backbone
+from re2tal.backbones import PATTERNS, TemporalPatchShift, build_backbone
 from re2tal.backbones.build import CheckpointedSequential
 from re2tal.backbones.shape_cache import ShapeCache
 from re2tal.backbones.swin import SwinBlock, WindowAttention3d

@@ -301,7 +301,7 @@ class Pathway(nn.Module):
         self.conv1 = ConvModule(3, base, (conv1_kt, 7, 7), stride=(1, 2, 2), padding=(conv1_kt // 2, 3, 3))
         self.maxpool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
         self.lateral = lateral
-        inplanes, lateral_in = base, (base * 2 // channel_ratio if lateral else 0)
+        inplanes = base
         block = Bottleneck3dInv if inv else Bottleneck3d
         self.res_layers = []
         for i, n in enumerate(stage_blocks):

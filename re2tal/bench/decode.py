@@ -25,7 +25,6 @@ recomputation and backward per video at 30-40 % of its 989 TFLOP/s bf16 peak).
 
 from __future__ import annotations
 
-import fractions
 import json
 import os
 import statistics
