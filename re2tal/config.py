@@ -531,6 +531,9 @@ class TrainConfig(Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs reserved per worker.")
     eval_every_epochs: PositiveInt = Field(1, description="Evaluate on the validation subset every k epochs (and after the last).")
+    eval_start_epoch: NonNegativeInt = Field(0, description="No evaluation before this epoch, counted from 0 (OpenTAD's val_start_epoch): "
+                                             "epoch e is evaluated when e >= this and (e + 1) is a multiple of eval_every_epochs; "
+                                             "the last epoch always is.")
     report_every_steps: PositiveInt = Field(10, description="Log training metrics (losses averaged over the k steps, learning "
                                             "rates, clips/s, peak memory) to MLflow every k optimizer steps, in the background. "
                                             "Ray Train (and Tune) get a report only at evaluations and checkpoints.")
@@ -560,6 +563,10 @@ class TrainConfig(Section):
         if not RUN_NAME.match(v):
             raise ValueError(f"{v!r} must be letters, digits, '_', '.', '-' (it names directories)")
         return v
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the run evaluates after `epoch` (counted from 0)."""
+        return epoch == self.epochs - 1 or (epoch >= self.eval_start_epoch and (epoch + 1) % self.eval_every_epochs == 0)
 
 
 class DeepSpeedConfig(Section):

@@ -1,5 +1,6 @@
 """Config tree: YAML round trip, overrides, and malformed configs rejected naming the key."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -185,12 +186,14 @@ OPENTAD = {
     "anet": {"data.batch_size": 8, "train.num_workers": 4, "data.num_frames": 768, "head.seq_len": 192, "head.embed_dim": 256,
              "head.abs_position": True, "head.label_smoothing": 0.1, "head.reg_loss_weight": 2.0, "head.init_loss_norm": 200,
              "head.nms.max_segments": 100, "head.nms.class_agnostic": True, "head.nms.voting_threshold": 0.9,
-             "head.nms.topk_classes": 2, "optim.head_lr": 1e-3, "train.epochs": 15, "data.min_segment_fraction": 0.01},
+             "head.nms.topk_classes": 2, "optim.head_lr": 1e-3, "train.epochs": 15, "data.min_segment_fraction": 0.01,
+             "train.eval_every_epochs": 1, "train.eval_start_epoch": 8},
     "thumos": {"data.batch_size": 2, "train.num_workers": 2, "data.num_frames": 1024, "data.frame_interval": 2, "data.window_stride": 512,
                "data.truncate_threshold": 0.75, "data.truncate_crop_ratio": [0.9, 1.0], "data.last_window": "end_aligned",
                "head.seq_len": 512, "head.embed_dim": 512, "head.abs_position": False, "head.label_smoothing": 0.0,
                "head.reg_loss_weight": 1.0, "head.init_loss_norm": 100, "head.nms.max_segments": 2000,
-               "head.nms.class_agnostic": False, "head.nms.voting_threshold": 0.7, "optim.head_lr": 1e-4, "train.epochs": 120},
+               "head.nms.class_agnostic": False, "head.nms.voting_threshold": 0.7, "optim.head_lr": 1e-4, "train.epochs": 120,
+               "train.eval_every_epochs": 5, "train.eval_start_epoch": 79},
     "both": {"head.encoder": "actionformer", "head.attn_window": -1, "head.fpn_levels": 6, "head.drop_path": 0.1, "head.nms.sigma": 0.7,
              "head.nms.min_score": 0.001, "optim.backbone_lr": 1e-5, "optim.weight_decay": 0.05, "optim.warmup_epochs": 5,
              "optim.ema": True, "deepspeed.gradient_clipping": 1.0, "augment.crop_scale": [0.08, 1.0], "augment.temporal_jitter": False,
@@ -213,3 +216,21 @@ def test_paper_configs_carry_opentads_settings(name):
     assert got == want
     pretrained = cfg["backbone.pretrained"]
     assert ("_k400_ft_e30.pth" in pretrained) == re2 and (pretrained.startswith("https://download.openmmlab.com/") == (not re2))
+
+
+def opentad_evaluates(epoch: int, val_start_epoch: int, val_eval_interval: int) -> bool:
+    """Port of OpenTAD's tools/train.py:212-213 (3dd7b03), whether eval_one_epoch runs after `epoch`."""
+    if epoch >= val_start_epoch:
+        if (val_eval_interval > 0) and ((epoch + 1) % val_eval_interval == 0):
+            return True
+    return False
+
+
+def test_evaluation_epochs_follow_opentads_val_start_epoch_and_interval_plus_the_last():
+    """Ours evaluates after the epochs OpenTAD's loop does, and always after the last (its result)."""
+    thumos = load_config(ROOT / "configs" / "thumos_re2swin_t.yaml")
+    for start, every, epochs in itertools.product((0, 3, 8, 79), (1, 2, 5), (7, 15, 120)):
+        train = thumos.with_overrides({"train.epochs": epochs, "train.eval_every_epochs": every, "train.eval_start_epoch": start}).train
+        want = [e for e in range(epochs) if opentad_evaluates(e, start, every) or e == epochs - 1]
+        assert [e for e in range(epochs) if train.evaluates(e)] == want
+    assert [e for e in range(120) if thumos.train.evaluates(e)] == [79, 84, 89, 94, 99, 104, 109, 114, 119]

@@ -98,7 +98,8 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
     from re2tal.training.driver import fit
 
     write_synthetic(s3.url("synth"), SYNTH, s3.storage)
-    cfg = tiny_config(tmp_path, s3.url("synth/annotations.json"), "s3-run", **s3.overrides())
+    # evaluated only from the second epoch on (without eval_start_epoch, after each of the two)
+    cfg = tiny_config(tmp_path, s3.url("synth/annotations.json"), "s3-run", **s3.overrides(), **{"train.eval_start_epoch": 1})
     metrics = fit(cfg, Localization())
 
     assert metrics["step"] == cfg.train.epochs * STEPS_PER_EPOCH
@@ -116,6 +117,7 @@ def test_two_workers_from_s3_log_everything_to_mlflow_sqlite(ray_cluster, s3, tm
     assert RUN_METRICS <= set(run.data.metrics), RUN_METRICS - set(run.data.metrics)
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, cfg.train.epochs * STEPS_PER_EPOCH + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "average_mAP")] == [2 * STEPS_PER_EPOCH]
     params = run.data.params
     assert params["backbone.name"] == "swin_t" and params["train.epochs"] == "2"
     assert params["storage.endpoint_url"] == s3.endpoint_url

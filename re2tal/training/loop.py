@@ -188,7 +188,7 @@ class Loop:
             dist_utils.average_batchnorm_statistics(self.engine.module, self.worker, self.ema.shadow if self.ema else None)
             last = state.epoch == cfg.train.epochs - 1
             metrics = throughput | {"epoch": state.epoch + 1, "step": state.step}
-            if last or (state.epoch + 1) % cfg.train.eval_every_epochs == 0:
+            if cfg.train.evaluates(state.epoch):
                 metrics |= self.evaluate(state)
             if last:
                 metrics |= self.task.final_metrics(self, state)
