@@ -239,6 +239,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# what BackboneConfig resolves by the backbone's name when a config gives none
+FAMILY_KEYS = ("depths", "window_size", "patch_shift", *sorted({key for d in FAMILY_DEFAULTS.values() for key in d}))
+
+
 class AdapterConfig(Section):
     """vit_*: AdaTAD's temporal adapters after chosen blocks (down-projection, depth-wise temporal
     conv k=3 over the whole video, zero-initialised up-projection)."""
@@ -774,8 +778,17 @@ class Config(Section):
         return out
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """A new, validated config with dotted keys replaced (tune trials, CLI --set)."""
-        return validate(apply_overrides(self.to_dict(), overrides))
+        """A new, validated config with dotted keys replaced (tune trials, CLI --set). A new
+        `backbone.name` takes its own family's sizes (depths, heads, windows, ...) where this
+        config holds the old family's defaults, as if the name had been set in the file."""
+        tree = self.to_dict()
+        name = overrides.get("backbone.name", self.backbone.name)
+        if name != self.backbone.name:
+            old = BackboneConfig(name=self.backbone.name).model_dump(mode="python")
+            for key in FAMILY_KEYS:
+                if f"backbone.{key}" not in overrides and tree["backbone"].get(key) == old[key]:
+                    del tree["backbone"][key]
+        return validate(apply_overrides(tree, overrides))
 
 
 def _reveal(obj: Any) -> Any:

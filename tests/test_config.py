@@ -234,3 +234,15 @@ def test_evaluation_epochs_follow_opentads_val_start_epoch_and_interval_plus_the
         want = [e for e in range(epochs) if opentad_evaluates(e, start, every) or e == epochs - 1]
         assert [e for e in range(epochs) if train.evaluates(e)] == want
     assert [e for e in range(120) if thumos.train.evaluates(e)] == [79, 84, 89, 94, 99, 104, 109, 114, 119]
+
+
+@pytest.mark.parametrize("name", ["mvit_v2_s", "swin_b", "vit_l", "pst_t", "r3d_18", "slowfast_r101"])
+def test_a_new_backbone_name_on_a_loaded_config_takes_its_family_sizes_as_set_in_the_file(name):
+    """Tune trials switch `backbone.name` on a resolved config: the new family's depths, heads,
+    windows and patch sizes apply as with `--set` on the file, not the old family's."""
+    path = ROOT / "configs" / "anet_re2swin_t.yaml"
+    switched = load_config(path).with_overrides({"backbone.name": name}).backbone
+    assert switched == load_config(path, [f"backbone.name={name}"]).backbone
+    # sizes the file gives itself are kept (debug.yaml's tiny Swin)
+    tiny = load_config(ROOT / "configs" / "debug.yaml")
+    assert tiny.with_overrides({"backbone.name": "mvit_v2_s"}).backbone.depths == tiny.backbone.depths
