@@ -131,6 +131,22 @@ def make_clip(video: Video, file: VideoFile, w: sampling.Window, num_frames: int
                 duration=file.info.duration, fps=file.info.fps, segments=segments, labels=labels)
 
 
+def evaluation_clips(cfg: Config, url: str, clip: tuple[float, float] | None = None) -> tuple[Video, list[Clip]]:
+    """One video outside any annotation file (any fsspec URL, its id the file name without the
+    extension) and its clips through the evaluation's windows; `clip`: a recognition clip in it
+    (Video.clip). BadInput if it cannot be read."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        with VideoSource(cfg.storage).acquire(url) as lease:
+            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
+            video = Video(id=name, url=url, duration=file.info.duration, subset="", index=0, segments=np.zeros((0, 2), np.float32),
+                          labels=np.zeros(0, np.int64), clip=clip)
+            windows = plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))
+            return video, [make_clip(video, file, w, cfg.data.num_frames, None) for w in windows]
+    except VideoError as err:
+        raise BadInput(f"{url}: cannot read video ({err})") from None
+
+
 class VideoDataset:
     """One worker's clips of one epoch; see the module docstring. Iterable (again and again)."""
 

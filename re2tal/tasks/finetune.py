@@ -258,25 +258,12 @@ def classify_video(model: nn.Module, cfg: Config, url: str, labels: list[str], k
     BadInput if it cannot be read."""
     import math
 
-    import numpy as np
-
-    from re2tal.data.annotations import Video
     from re2tal.data.augment import augment_clips
-    from re2tal.data.dataset import collate, make_clip, plan_windows
-    from re2tal.data.video import VideoError, VideoFile, VideoSource
+    from re2tal.data.dataset import collate, evaluation_clips
 
-    name = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    try:
-        with VideoSource(cfg.storage).acquire(url) as lease:
-            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
-            video = Video(id=name, url=url, duration=file.info.duration, subset="", index=0, segments=np.zeros((0, 2), np.float32),
-                          labels=np.zeros(0, np.int64), clip=(0.0, math.inf))
-            window = plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))[0]
-            clip = make_clip(video, file, window, cfg.data.num_frames, None)
-    except VideoError as err:
-        raise BadInput(f"{url}: cannot read video ({err})") from None
+    _, clips = evaluation_clips(cfg, url, clip=(0.0, math.inf))
     device = next(model.parameters()).device
-    frames = augment_clips(collate([clip])["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
+    frames = augment_clips(collate(clips)["frames"].to(device), cfg.augment, cfg.data.frame_size, cfg.backbone.pixel_mean,
                            cfg.backbone.pixel_std, torch.Generator(), training=False)
     with torch.no_grad():
         probs = model(frames).float().softmax(dim=1)[0]

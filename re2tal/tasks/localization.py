@@ -229,24 +229,13 @@ def predict_video(model: nn.Module, cfg: Config, url: str, annotations, class_sc
     """One video (any fsspec URL) through the evaluation's windows: {"video", "duration",
     "segments": its ActivityNet-format segments}. The head's class names are `labels`, else
     `label_names` of the annotations. BadInput if it cannot be read."""
-    from re2tal.data.annotations import Video
-    from re2tal.data.dataset import batches, make_clip, plan_windows
-    from re2tal.data.video import VideoError, VideoFile, VideoSource
+    from re2tal.data.dataset import batches, evaluation_clips
 
-    name = url.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    try:
-        with VideoSource(cfg.storage).acquire(url) as lease:
-            file = VideoFile(lease.path, short_side=cfg.data.short_side, threads=cfg.data.loader_threads)
-            video = Video(id=name, url=url, duration=file.info.duration, subset="", index=0,
-                          segments=np.zeros((0, 2), np.float32), labels=np.zeros(0, np.int64))
-            clips = [make_clip(video, file, w, cfg.data.num_frames, None)
-                     for w in plan_windows(file.info, video, cfg, training=False, rng=np.random.default_rng(0))]
-    except VideoError as err:
-        raise BadInput(f"{url}: cannot read video ({err})") from None
+    video, clips = evaluation_clips(cfg, url)
     device = next(model.parameters()).device
     names = labels if labels is not None else label_names(cfg, annotations, class_scores)
     submission = predict(model, batches(clips, cfg.data.batch_size), cfg, device, names, class_scores)
-    return {"video": url, "duration": video.duration, "segments": submission["results"].get(name, [])}
+    return {"video": url, "duration": video.duration, "segments": submission["results"].get(video.id, [])}
 
 
 def label_names(cfg: Config, annotations, class_scores: dict | None) -> list[str]:
