@@ -217,6 +217,13 @@ def checkpoint_forward(module: nn.Module) -> None:
     module.forward = CheckpointedForward(module)
 
 
+def builds_graph(module: nn.Module, inputs: tuple) -> bool:
+    """Whether module(*inputs) would build an autograd graph (grads on, and an input or a
+    parameter that needs grad); without one, a checkpoint would only keep the inputs."""
+    return torch.is_grad_enabled() and (any(not isinstance(t, Tensor) or t.requires_grad for t in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
+
+
 class CheckpointedForward:
     """A module's own forward run under `checkpointed` when grads are on (set as the instance's
     `forward`; a plain class, so the module still deep-copies and pickles)."""
@@ -226,10 +233,7 @@ class CheckpointedForward:
 
     def __call__(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         forward = MethodType(type(self.module).forward, self.module)
-        # without a graph to build (frozen module, constant input: a frozen patch embedding) a
-        # checkpoint would only keep the inputs
-        graph = any(not isinstance(t, Tensor) or t.requires_grad for t in inputs) or any(p.requires_grad for p in self.module.parameters())
-        if not torch.is_grad_enabled() or not graph:
+        if not builds_graph(self.module, inputs):  # e.g. a frozen patch embedding on the clip
             return forward(*inputs)
         return checkpointed(forward, *inputs, modules=[self.module])
 
@@ -244,8 +248,7 @@ class CheckpointedSequential(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self:
-            graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
-            x = checkpointed(block, x) if graph else block(x)
+            x = checkpointed(block, x) if builds_graph(block, (x,)) else block(x)
         return x
 
 
